@@ -1,0 +1,76 @@
+"""Install what is missing into the active Python environment, and nothing else.
+
+`make demo` and `make test` call this. It is quick when everything is present: it only imports
+package metadata. torch and torchvision are pinned to the pair that installs from local disk on
+the project's machines; every other dependency comes from `pyproject.toml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import pathlib
+import subprocess
+import sys
+import tomllib
+
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # a bare interpreter: pip vendors the same module
+    from pip._vendor.packaging.requirements import Requirement
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TORCH_PAIR = ["torch==2.14.1", "torchvision==0.29.1"]
+
+
+def _missing(requirements: list[str]) -> list[str]:
+    missing = []
+    for text in requirements:
+        req = Requirement(text)
+        try:
+            version = md.version(req.name)
+        except md.PackageNotFoundError:
+            missing.append(text)
+            continue
+        if req.specifier and not req.specifier.contains(version, prereleases=True):
+            missing.append(text)
+    return missing
+
+
+def _pip(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", *args]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.check_call(cmd)
+
+
+def _attncam_points_here() -> bool:
+    try:
+        dist = md.distribution("attncam")
+    except md.PackageNotFoundError:
+        return False
+    direct = dist.read_text("direct_url.json") or ""
+    return ROOT.as_uri() in direct
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--test", action="store_true", help="also the test-only dependencies")
+    args = parser.parse_args()
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    if args.test:
+        wanted += project["optional-dependencies"]["test"]
+
+    if _missing(["torch", "torchvision"]):
+        _pip(*TORCH_PAIR)
+    rest = [r for r in _missing(wanted) if Requirement(r).name not in ("torch", "torchvision")]
+    if rest:
+        _pip(*rest)
+    if not _attncam_points_here():
+        _pip("--no-deps", "--no-build-isolation", "-e", str(ROOT))
+    print("dependencies: all present", flush=True)
+
+
+if __name__ == "__main__":
+    main()

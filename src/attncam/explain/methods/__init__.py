@@ -1,0 +1,1 @@
+"""attncam.explain.methods."""
