@@ -1,0 +1,228 @@
+"""Localisation metrics: pointing game, energy-based pointing game, mask IoU, box accuracy.
+
+Fed with maps and ground-truth masks only. Images whose mask is all False (no annotation) are
+skipped and counted (``empty_mask``); non-finite maps are skipped and counted (``non_finite``).
+Connected components for box accuracy are labelled with ``scipy.ndimage.label`` on CPU: the one
+place the metrics leave the device (the binary maps go to NumPy and one box per image comes back).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+from attncam.metrics import functional as MF
+from attncam.metrics.stats import MetricResult, PerImageMetric, keep_mask
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def largest_component_boxes(binary: Tensor) -> tuple[Tensor, Tensor]:
+    """Box ``(x0, y0, x1, y1)`` of the largest 8-connected component of each binary map.
+
+    Uses ``scipy.ndimage.label`` on CPU (stated exception to "tensors stay on device").
+
+    Args:
+        binary: ``(B, H, W)`` bool.
+
+    Returns:
+        ``(boxes (B, 4) float on binary's device, found (B,) bool)``; ``found`` is False for an
+        empty map (its box is all zeros).
+    """
+    arr = binary.detach().cpu().numpy()
+    boxes = np.zeros((arr.shape[0], 4), dtype=np.float32)
+    found = np.zeros(arr.shape[0], dtype=bool)
+    for i, m in enumerate(arr):
+        labels, n = ndimage.label(m, structure=_EIGHT_CONNECTED)
+        if n == 0:
+            continue
+        sizes = np.bincount(labels.ravel())[1:]
+        ys, xs = np.nonzero(labels == int(sizes.argmax()) + 1)
+        boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        found[i] = True
+    return (
+        torch.from_numpy(boxes).to(binary.device),
+        torch.from_numpy(found).to(binary.device),
+    )
+
+
+class _MaskMetric(PerImageMetric):
+    """Shared update for metrics of ``(map, mask)`` pairs."""
+
+    _name = ""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._add_values("values")
+
+    def _per_image(self, maps: Tensor, masks: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _extra_checks(self, maps: Tensor) -> list[tuple[str, Tensor]]:
+        return []
+
+    def update(self, maps: Tensor, masks: Tensor, keep: Tensor | None = None) -> None:
+        """Add a batch.
+
+        Args:
+            maps: ``(B, H, W)`` saliency maps in [0, 1] at input resolution.
+            masks: ``(B, H, W)`` bool ground truth (all False = no annotation, skipped).
+            keep: ``(B,)`` bool, False for excluded images.
+        """
+        finite = MF.check_maps(maps)
+        annotated = MF.check_masks(masks, maps)
+        checks = [
+            ("excluded", keep_mask(keep, maps)),
+            ("non_finite", finite),
+            ("empty_mask", annotated),
+            *self._extra_checks(maps),
+        ]
+        valid = self._filter(torch.ones_like(finite), checks)
+        self.values.append(self._per_image(maps[valid].float(), masks[valid]).float())
+
+    def compute(self) -> MetricResult:
+        """Mean over annotated images with N, bootstrap interval and skip counts."""
+        return self._summary(self._name, self._cat("values"))
+
+
+class PointingGame(_MaskMetric):
+    """Pointing game (Zhang et al. 2016): hit rate (%) of the map maximum within the mask.
+
+    A hit is the first arg-max within ``tolerance`` pixels (Euclidean) of a mask pixel; 15 px as
+    in Zhang et al. Higher is better.
+
+    Args:
+        tolerance: Tolerance in pixels.
+        **kwargs: ``num_resamples``, ``confidence``, ``seed`` and ``torchmetrics.Metric`` options.
+    """
+
+    higher_is_better = True
+    _name = "pointing_game"
+
+    def __init__(self, tolerance: float = 15.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0 pixels; got {tolerance}")
+        self.tolerance = float(tolerance)
+
+    def _per_image(self, maps: Tensor, masks: Tensor) -> Tensor:
+        return MF.pointing_game_hits(maps, masks, self.tolerance)
+
+
+class EnergyPointingGame(_MaskMetric):
+    """Energy-based pointing game (Wang et al. 2020, Score-CAM sec. 4.3): ``100 sum(L m) / sum(L)``.
+
+    Maps that sum to zero (no energy) are skipped and counted (``zero_map``). Higher is better.
+
+    Args:
+        **kwargs: ``num_resamples``, ``confidence``, ``seed`` and ``torchmetrics.Metric`` options.
+    """
+
+    higher_is_better = True
+    _name = "energy_pointing_game"
+
+    def _extra_checks(self, maps: Tensor) -> list[tuple[str, Tensor]]:
+        return [("zero_map", torch.nan_to_num(maps).flatten(1).sum(1) > 0)]
+
+    def _per_image(self, maps: Tensor, masks: Tensor) -> Tensor:
+        return MF.energy_in_mask(maps, masks)
+
+
+class MaskIoU(_MaskMetric):
+    """IoU between the thresholded map ``L >= threshold`` and the ground-truth mask, in [0, 1].
+
+    Higher is better.
+
+    Args:
+        threshold: Map threshold in [0, 1].
+        **kwargs: ``num_resamples``, ``confidence``, ``seed`` and ``torchmetrics.Metric`` options.
+    """
+
+    higher_is_better = True
+    _name = "mask_iou"
+
+    def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1]; got {threshold}")
+        self.threshold = float(threshold)
+
+    def _per_image(self, maps: Tensor, masks: Tensor) -> Tensor:
+        return MF.mask_iou(maps >= self.threshold, masks)
+
+
+class BoxAccuracy(PerImageMetric):
+    """Box accuracy (%) (Zhou et al. 2016, CAM, sec. 3): IoU >= ``iou_threshold`` between the box
+    of the largest connected component of ``L >= threshold`` and a ground-truth box.
+
+    Ground truth is either masks (their bounding box) or boxes ``(x0, y0, x1, y1)`` with
+    exclusive ``x1, y1``: a ``(B, 4)`` tensor or a list of ``(K_i, 4)`` tensors (a hit on any box
+    counts, as on ImageNet). Empty masks / no boxes are skipped and counted (``empty_mask``).
+    Connected components use scipy on CPU. Higher is better.
+
+    Args:
+        threshold: Map threshold in [0, 1] (CAM paper: 0.2 of the max; maps here have max 1).
+        iou_threshold: IoU needed for a hit.
+        **kwargs: ``num_resamples``, ``confidence``, ``seed`` and ``torchmetrics.Metric`` options.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, threshold: float = 0.2, iou_threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name, v in (("threshold", threshold), ("iou_threshold", iou_threshold)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]; got {v}")
+        self.threshold, self.iou_threshold = float(threshold), float(iou_threshold)
+        self._add_values("values")
+
+    def update(self, maps: Tensor, gt: Tensor | list[Tensor], keep: Tensor | None = None) -> None:
+        """Add a batch.
+
+        Args:
+            maps: ``(B, H, W)`` saliency maps.
+            gt: ``(B, H, W)`` bool masks, ``(B, 4)`` boxes, or a list of ``B`` ``(K_i, 4)`` boxes.
+            keep: ``(B,)`` bool, False for excluded images.
+        """
+        finite = MF.check_maps(maps)
+        b = maps.shape[0]
+        if isinstance(gt, Tensor) and gt.dtype == torch.bool:
+            annotated = MF.check_masks(gt, maps, "gt")
+            boxes = [
+                MF.masks_to_boxes(gt[i : i + 1]) if annotated[i] else gt.new_zeros(0, 4).float()
+                for i in range(b)
+            ]
+        elif isinstance(gt, Tensor):
+            if gt.shape != (b, 4):
+                raise ValueError(f"gt boxes must have shape ({b}, 4); got {tuple(gt.shape)}")
+            boxes = [gt[i : i + 1].float() for i in range(b)]
+        else:
+            if len(gt) != b or any(g.ndim != 2 or g.shape[1] != 4 for g in gt):
+                raise ValueError(f"gt must be a list of {b} (K_i, 4) box tensors")
+            boxes = [g.float() for g in gt]
+        annotated = torch.tensor([g.shape[0] > 0 for g in boxes], device=maps.device)
+        checks = [
+            ("excluded", keep_mask(keep, maps)),
+            ("non_finite", finite),
+            ("empty_mask", annotated),
+        ]
+        valid = self._filter(torch.ones_like(finite), checks)
+        idx = valid.nonzero().flatten()
+        if idx.numel() == 0:
+            self.values.append(maps.new_zeros(0))
+            return
+        pred, found = largest_component_boxes(maps[idx] >= self.threshold)
+        hits = []
+        for j, i in enumerate(idx.tolist()):
+            g = boxes[i].to(maps.device)
+            iou = MF.box_iou(pred[j : j + 1].expand(g.shape[0], 4), g)
+            hits.append(bool(found[j]) and bool((iou >= self.iou_threshold).any()))
+        self.values.append(100.0 * torch.tensor(hits, dtype=torch.float32, device=maps.device))
+
+    def compute(self) -> MetricResult:
+        """Box accuracy (%) with N, bootstrap interval and skip counts."""
+        return self._summary("box_accuracy", self._cat("values"))

@@ -1,0 +1,699 @@
+"""The perturbation engine: every extra model call a metric needs, batched.
+
+``Perturber`` builds all perturbed images of a batch (explanations ``E = L * I``, Percentage-in
+keeps, deletion/insertion steps, ROAD imputations, occlusions), runs them through the model in
+chunks of ``chunk_size`` under ``torch.inference_mode()`` and returns target scores. The metrics
+themselves (``confidence``, ``curves``, ``localization``) only see those scores and the maps.
+
+Forward passes per image (``M`` methods, ``P`` Percentage-in levels, ``S`` curve steps):
+    - ``base_scores``: 1 (``Y``, shared by every method and metric);
+    - ``confidence_table``: ``M * (1 + P)`` (``O`` and Percentage-in), so the paper's table with
+      5 methods and 5 levels costs ``1 + 5 * 6``;
+    - ``deletion_insertion``: ``1`` (blurred copy) ``+ M * 2 * (S - 1)`` plus one forward per call
+      for the all-deleted image, which is the same constant image for every input.
+
+The model maps pixel-space images ``(B, 3, H, W)`` in [0, 1] to logits ``(B, C)`` and normalises
+internally. With ``mask_space="normalized"`` masking acts on ``(I - mean) / std`` (as torchcam
+does); the engine maps the result back to pixel space before calling the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attncam.metrics import functional as MF
+
+log = logging.getLogger(__name__)
+
+MASK_SPACES: tuple[str, ...] = ("pixel", "normalized")
+TARGETS: tuple[str, ...] = ("predicted", "label")
+PERCENTAGE_VARIANTS: tuple[str, ...] = ("binary", "soft", "gain")
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} '{value}'; choose one of: {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Evaluation protocol, written next to every result (SPEC.md, "Metrics"; issue 4, part 2).
+
+    Attributes:
+        mask_space: ``pixel`` (``E = L * I`` on [0, 1] images) or ``normalized``
+            (``E = L * (I - mean) / std``, as torchcam).
+        score: ``softmax`` (target probability) or ``logit``.
+        target: ``predicted`` (top-1 on the full image) or ``label`` (ground truth).
+        steps: Deletion/insertion steps (Petsiuk et al. 2018).
+        blur_kernel: Insertion blur kernel size (odd); ``0`` inserts into the deletion baseline.
+        blur_sigma: Insertion blur standard deviation in pixels.
+        only_correct: Keep only images whose top-1 prediction equals the label.
+        percentages: Percentage-in levels ``p`` (An & Joe 2022).
+        percentage_variant: ``binary`` (``B_p * I``), ``soft`` (``B_p * L * I``) or ``gain``
+            (``B_p * I`` scored by ``max(0, O - Y) / Y``).
+        road_percentages: ROAD removal percentages (Rong et al. 2022).
+        road_noise: ROAD imputation noise standard deviation (in the mask space's units).
+        seed: Seed of every random draw (ROAD noise, bootstrap).
+    """
+
+    mask_space: str = "pixel"
+    score: str = "softmax"
+    target: str = "predicted"
+    steps: int = 20
+    blur_kernel: int = 11
+    blur_sigma: float = 5.0
+    only_correct: bool = False
+    percentages: tuple[float, ...] = (5, 10, 20, 25, 50)
+    percentage_variant: str = "binary"
+    road_percentages: tuple[float, ...] = (10, 30, 50, 70, 90)
+    road_noise: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("mask_space", self.mask_space, MASK_SPACES)
+        _choice("score", self.score, MF.SCORE_CHOICES)
+        _choice("target", self.target, TARGETS)
+        _choice("percentage_variant", self.percentage_variant, PERCENTAGE_VARIANTS)
+        if int(self.steps) < 1:
+            raise ValueError(f"steps must be >= 1; got {self.steps}")
+        if self.blur_kernel != 0 and (self.blur_kernel < 1 or self.blur_kernel % 2 == 0):
+            raise ValueError(f"blur_kernel must be 0 (no blur) or odd >= 1; got {self.blur_kernel}")
+        if self.blur_kernel != 0 and self.blur_sigma <= 0:
+            raise ValueError(f"blur_sigma must be > 0; got {self.blur_sigma}")
+        # Accept lists from YAML; store tuples so the protocol stays hashable.
+        object.__setattr__(self, "percentages", tuple(float(p) for p in self.percentages))
+        object.__setattr__(self, "road_percentages", tuple(float(p) for p in self.road_percentages))
+        bad = [p for p in self.percentages if not 0 < p <= 100]
+        if bad:
+            raise ValueError(f"percentages must lie in (0, 100]; got {bad}")
+        bad = [p for p in self.road_percentages if not 0 < p < 100]
+        if bad:
+            raise ValueError(f"road_percentages must lie in (0, 100); got {bad}")
+        if self.road_noise < 0:
+            raise ValueError(f"road_noise must be >= 0; got {self.road_noise}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python view (lists for tuples), to write beside every result."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Protocol:
+        """Build from a mapping (e.g. a Hydra ``DictConfig``); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown protocol keys {unknown}; valid keys: {', '.join(sorted(names))}"
+            )
+        return cls(**{k: (tuple(v) if isinstance(v, list | tuple) else v) for k, v in d.items()})
+
+
+@dataclass
+class BaseScores:
+    """Scores on the unperturbed images.
+
+    Attributes:
+        scores: ``Y``, shape ``(B,)``.
+        targets: Target classes, shape ``(B,)`` long.
+        keep: ``(B,)`` bool; False where the protocol excludes the image (``only_correct``).
+        predicted: Top-1 classes, shape ``(B,)``.
+        logits: Model outputs, shape ``(B, C)``.
+    """
+
+    scores: Tensor
+    targets: Tensor
+    keep: Tensor
+    predicted: Tensor
+    logits: Tensor
+
+
+@dataclass
+class ConfidenceTable:
+    """Scores for Average Drop, Increase in Confidence, Win % and Percentage-in, per method.
+
+    Attributes:
+        base: Scores on the full images.
+        masked: ``O`` per method, ``(B,)`` each (NaN where the method's map was not finite).
+        percentage_in: Per method, ``(B, P)`` scores on the top-p% images.
+        percentages: The levels ``p``.
+    """
+
+    base: BaseScores
+    masked: dict[str, Tensor]
+    percentage_in: dict[str, Tensor]
+    percentages: tuple[float, ...]
+
+
+@dataclass
+class Curves:
+    """Deletion and insertion curves (Petsiuk et al. 2018).
+
+    Attributes:
+        fractions: Fraction of pixels perturbed at each point, ``(S+1,)``.
+        deletion: Scores, ``(B, S+1)`` (NaN rows where the map was not finite).
+        insertion: Scores, ``(B, S+1)``.
+    """
+
+    fractions: Tensor
+    deletion: Tensor
+    insertion: Tensor
+
+
+@dataclass
+class RoadScores:
+    """ROAD scores (Rong et al. 2022) after removing p% of pixels.
+
+    Attributes:
+        percentages: Removal levels, ``(P,)``.
+        morf: Most-relevant-first removal scores, ``(B, P)``.
+        lerf: Least-relevant-first removal scores, ``(B, P)``.
+    """
+
+    percentages: tuple[float, ...]
+    morf: Tensor
+    lerf: Tensor
+
+
+@dataclass
+class _Jobs:
+    """A stream of perturbed images: sample index, target and a builder per chunk."""
+
+    targets: Tensor
+    build: Callable[[int, int], Tensor]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode and restore each one's own flag on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class Perturber:
+    """Batched engine for every extra model call of the metrics.
+
+    Args:
+        model: Maps pixel-space ``(B, 3, H, W)`` images in [0, 1] to logits ``(B, C)``.
+        protocol: Evaluation protocol.
+        chunk_size: Images per forward pass.
+        mean: Per-channel normalisation mean for ``mask_space="normalized"``; default the model's
+            ``input_mean`` attribute if present, else ImageNet's.
+        std: Per-channel normalisation std (same defaults, ``input_std``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[Tensor], Tensor],
+        protocol: Protocol | None = None,
+        chunk_size: int = 64,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+        self.model = model
+        self.protocol = protocol or Protocol()
+        self.chunk_size = int(chunk_size)
+        self.mean = tuple(mean or getattr(model, "input_mean", IMAGENET_MEAN))
+        self.std = tuple(std or getattr(model, "input_std", IMAGENET_STD))
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean/std must be 3 values with std > 0; got {self.mean}, {self.std}")
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def _calling(self) -> Iterator[None]:
+        if isinstance(self.model, nn.Module):
+            with eval_mode(self.model), torch.inference_mode():
+                yield
+        else:
+            with torch.inference_mode():
+                yield
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def _run(self, jobs: _Jobs) -> Tensor:
+        """Score a stream of perturbed images in chunks; returns ``(J,)`` scores."""
+        n = int(jobs.targets.shape[0])
+        out: list[Tensor] = []
+        with self._calling():
+            for start in range(0, n, self.chunk_size):
+                stop = min(n, start + self.chunk_size)
+                logits = self._forward(jobs.build(start, stop))
+                out.append(MF.select_scores(logits, jobs.targets[start:stop], self.protocol.score))
+        if not out:
+            return torch.empty(0, device=jobs.targets.device)
+        return torch.cat(out).clone()
+
+    def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return mean, std
+
+    def to_mask_space(self, images: Tensor) -> Tensor:
+        """Pixel images to the space masks act in: identity or ``(I - mean) / std``."""
+        if self.protocol.mask_space == "pixel":
+            return images
+        mean, std = self._stats(images)
+        return (images - mean) / std
+
+    def from_mask_space(self, x: Tensor) -> Tensor:
+        """Inverse of ``to_mask_space``: back to the pixel images the model takes."""
+        if self.protocol.mask_space == "pixel":
+            return x
+        mean, std = self._stats(x)
+        return x * std + mean
+
+    def apply_weights(self, images: Tensor, weights: Tensor) -> Tensor:
+        """``E = w * I`` in the mask space, returned in pixel space.
+
+        Args:
+            images: ``(N, 3, H, W)`` pixel images.
+            weights: ``(N, H, W)`` per-pixel weights (a map ``L``, a mask ``B_p``, ...).
+
+        Returns:
+            ``(N, 3, H, W)`` pixel images for the model.
+        """
+        if self.protocol.mask_space == "pixel":
+            return images * weights[:, None]
+        mean, _ = self._stats(images)
+        # denorm(w * norm(I)) = w * (I - mean) + mean
+        return weights[:, None] * (images - mean) + mean
+
+    @staticmethod
+    def _check_images(images: Tensor) -> None:
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must have shape (B, 3, H, W); got {shape}")
+
+    def _check_maps(self, images: Tensor, maps: Tensor, name: str = "maps") -> Tensor:
+        return MF.check_maps(maps, images.shape[0], tuple(images.shape[-2:]), name)
+
+    @staticmethod
+    def _as_methods(maps: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if isinstance(maps, Tensor):
+            return {"map": maps}
+        if not maps:
+            raise ValueError("maps is an empty mapping; pass at least one method's maps")
+        return dict(maps)
+
+    # ------------------------------------------------------------------ Y
+
+    def base_scores(
+        self, images: Tensor, labels: Tensor | None = None, targets: Tensor | None = None
+    ) -> BaseScores:
+        """``Y``: one forward pass on the full images.
+
+        Args:
+            images: ``(B, 3, H, W)`` in [0, 1].
+            labels: Ground-truth classes ``(B,)``; needed for ``target="label"`` and
+                ``only_correct``.
+            targets: Explicit target classes ``(B,)``; override the protocol's ``target``.
+
+        Returns:
+            ``BaseScores``.
+        """
+        self._check_images(images)
+        b = images.shape[0]
+        p = self.protocol
+        for name, t in (("labels", labels), ("targets", targets)):
+            if t is not None and tuple(t.shape) != (b,):
+                raise ValueError(f"{name} must have shape ({b},); got {tuple(t.shape)}")
+        if labels is None and (p.target == "label" or p.only_correct) and targets is None:
+            raise ValueError(
+                f"target='{p.target}', only_correct={p.only_correct} need labels; got labels=None"
+            )
+        with self._calling():
+            logits = torch.cat(
+                [
+                    self._forward(images[s : s + self.chunk_size])
+                    for s in range(0, b, self.chunk_size)
+                ]
+            ).clone()
+        predicted = logits.argmax(dim=1)
+        if targets is None:
+            targets = labels if p.target == "label" else predicted
+        targets = targets.to(device=logits.device, dtype=torch.long)
+        keep = torch.ones(b, dtype=torch.bool, device=logits.device)
+        if p.only_correct:
+            if labels is None:
+                raise ValueError("only_correct=True needs labels; got labels=None")
+            keep = predicted == labels.to(predicted.device)
+        scores = MF.select_scores(logits, targets, p.score)
+        return BaseScores(scores, targets, keep, predicted, logits)
+
+    def _base(self, images: Tensor, base: BaseScores | None, labels: Tensor | None) -> BaseScores:
+        if base is None:
+            return self.base_scores(images, labels)
+        if base.scores.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"base scores are for {base.scores.shape[0]} images; got {images.shape[0]} images"
+            )
+        return base
+
+    # ------------------------------------------------------------------ O and Percentage-in
+
+    def confidence_table(
+        self,
+        images: Tensor,
+        maps: Tensor | Mapping[str, Tensor],
+        labels: Tensor | None = None,
+        base: BaseScores | None = None,
+        percentages: tuple[float, ...] | None = None,
+        variant: str | None = None,
+    ) -> ConfidenceTable:
+        """``O`` for ``E = L * I`` and the Percentage-in scores for every method, in one stream.
+
+        Cost per image: ``M * (1 + P)`` forward passes, plus 1 for ``Y`` when ``base`` is None
+        (Chattopadhay et al. 2018, sec. 5.1; An & Joe 2022, Percentage-in).
+
+        Args:
+            images: ``(B, 3, H, W)`` in [0, 1].
+            maps: ``(B, H, W)`` maps, or a mapping method -> maps.
+            labels: ``(B,)`` ground-truth classes (see ``base_scores``).
+            base: Precomputed ``Y`` (skips its forward pass).
+            percentages: Levels ``p``; default the protocol's; ``()`` for ``O`` alone.
+            variant: ``binary``, ``soft`` or ``gain``; default the protocol's.
+
+        Returns:
+            ``ConfidenceTable``; scores are NaN where a map was not finite (no forward spent).
+        """
+        self._check_images(images)
+        methods = self._as_methods(maps)
+        base = self._base(images, base, labels)
+        pcts = self.protocol.percentages if percentages is None else tuple(percentages)
+        variant = variant or self.protocol.percentage_variant
+        _choice("percentage_variant", variant, PERCENTAGE_VARIANTS)
+        per = 1 + len(pcts)
+
+        # Pairs (method, image) with finite maps; each expands into `per` jobs: E, then each B_p.
+        maps_l, img_l, thr_l, key_l = [], [], [], []
+        for name, m in methods.items():
+            ii = self._check_maps(images, m, f"maps['{name}']").nonzero().flatten()
+            if ii.numel() == 0:
+                continue
+            maps_l.append(m[ii])
+            img_l.append(ii)
+            thr = [MF.top_percent_threshold(m[ii], p) for p in pcts]
+            # level 0 is E = L * I itself: threshold -inf keeps every pixel.
+            thr_l.append(
+                torch.stack([torch.full_like(ii, 0, dtype=m.dtype) - float("inf"), *thr], 1)
+            )
+            key_l += [(name, i) for i in ii.tolist()]
+        b = images.shape[0]
+        masked = {n: images.new_full((b,), float("nan")) for n in methods}
+        pin = {n: images.new_full((b, len(pcts)), float("nan")) for n in methods}
+        if not key_l:
+            return ConfidenceTable(base, masked, pin, pcts)
+        pair_maps = torch.cat(maps_l)  # (Q, H, W)
+        pair_img = torch.cat(img_l)  # (Q,)
+        pair_thr = torch.cat(thr_l)  # (Q, per)
+        job_pair = torch.arange(len(key_l), device=images.device).repeat_interleave(per)
+        job_level = torch.arange(per, device=images.device).repeat(len(key_l))
+
+        def build(start: int, stop: int) -> Tensor:
+            pair, level = job_pair[start:stop], job_level[start:stop]
+            L = pair_maps[pair]
+            keep = (L >= pair_thr[pair, level][:, None, None]).to(L.dtype)
+            # level 0: E = L * I; binary/gain: B_p * I; soft: B_p * L * I
+            wts = torch.where((level == 0)[:, None, None] | (variant == "soft"), keep * L, keep)
+            return self.apply_weights(images[pair_img[pair]], wts)
+
+        scores = self._run(_Jobs(base.targets[pair_img[job_pair]], build)).view(-1, per)
+        for row, (name, i) in enumerate(key_l):
+            masked[name][i] = scores[row, 0]
+            pin[name][i] = scores[row, 1:]
+        return ConfidenceTable(base, masked, pin, pcts)
+
+    def masked_scores(
+        self,
+        images: Tensor,
+        maps: Tensor,
+        labels: Tensor | None = None,
+        base: BaseScores | None = None,
+    ) -> Tensor:
+        """``O``: scores on ``E = L * I`` (one forward pass per image), shape ``(B,)``."""
+        return self.confidence_table(images, maps, labels, base, percentages=()).masked["map"]
+
+    def percentage_in_scores(
+        self,
+        images: Tensor,
+        maps: Tensor,
+        labels: Tensor | None = None,
+        base: BaseScores | None = None,
+        percentages: tuple[float, ...] | None = None,
+        variant: str | None = None,
+    ) -> Tensor:
+        """Scores on the top-p% images (An & Joe 2022), shape ``(B, P)``.
+
+        This convenience also scores ``E = L * I``; use ``confidence_table`` to get both at once.
+        """
+        table = self.confidence_table(images, maps, labels, base, percentages, variant)
+        return table.percentage_in["map"]
+
+    # ------------------------------------------------------------------ deletion / insertion
+
+    def _constant_baseline_scores(self, images: Tensor, targets: Tensor) -> Tensor:
+        """Score of the all-deleted image (a constant image) for each target: one forward."""
+        zero = self.from_mask_space(torch.zeros_like(images[:1]))
+        with self._calling():
+            logits = self._forward(zero).clone()
+        return MF.select_scores(logits.expand(targets.shape[0], -1), targets, self.protocol.score)
+
+    def deletion_insertion(
+        self,
+        images: Tensor,
+        maps: Tensor | Mapping[str, Tensor],
+        labels: Tensor | None = None,
+        base: BaseScores | None = None,
+        steps: int | None = None,
+    ) -> dict[str, Curves]:
+        """Deletion and insertion curves (Petsiuk et al. 2018, sec. 4.1) for every method.
+
+        Deletion sets pixels to 0 in the mask space, most salient first; insertion copies pixels of
+        ``I`` into a Gaussian-blurred copy (protocol ``blur_kernel``, ``blur_sigma``; kernel 0
+        inserts into the deletion baseline). The first deletion and last insertion points are
+        ``Y``; the all-deleted image is the same constant image for every input (one forward per
+        call); the blurred copy does not depend on the map (one forward per image, shared by all
+        methods).
+
+        Args:
+            images: ``(B, 3, H, W)`` in [0, 1].
+            maps: ``(B, H, W)`` maps or a mapping method -> maps.
+            labels: ``(B,)`` ground-truth classes.
+            base: Precomputed ``Y``.
+            steps: Steps; default the protocol's.
+
+        Returns:
+            Method -> ``Curves`` (the key ``"map"`` when ``maps`` is a tensor).
+        """
+        self._check_images(images)
+        methods = self._as_methods(maps)
+        base = self._base(images, base, labels)
+        p = self.protocol
+        b, _, h, w = images.shape
+        counts = MF.perturbation_counts(h * w, steps or p.steps)
+        fractions = torch.tensor(counts, dtype=torch.float32, device=images.device) / (h * w)
+        s = len(counts) - 1
+        interior = counts[1:-1]
+        y = base.scores.to(torch.float32)
+        deleted = self._constant_baseline_scores(images, base.targets)
+        use_blur = p.blur_kernel > 0
+        if use_blur:
+            blurred = MF.gaussian_blur(images, p.blur_kernel, p.blur_sigma)
+        else:
+            blurred = self.from_mask_space(torch.zeros_like(images))
+
+        finites = {n: self._check_maps(images, m, f"maps['{n}']") for n, m in methods.items()}
+        any_finite = torch.stack(list(finites.values())).any(dim=0)
+        start_ins = deleted.clone()
+        if use_blur:
+            idx = any_finite.nonzero().flatten()
+            start_ins = images.new_full((b,), float("nan"))
+            sub_t = base.targets[idx]
+            start_ins[idx] = self._run(_Jobs(sub_t, lambda a, z: blurred[idx[a:z]]))
+
+        # One stream: for every (method, finite image), the interior deletion then insertion points.
+        ranks_l, img_l, key_l = [], [], []
+        for name, m in methods.items():
+            ii = finites[name].nonzero().flatten()
+            if ii.numel():
+                ranks_l.append(MF.saliency_ranks(m[ii]))
+                img_l.append(ii)
+                key_l += [(name, i) for i in ii.tolist()]
+        per = 2 * len(interior)
+        curves = {
+            n: Curves(
+                fractions,
+                images.new_full((b, s + 1), float("nan")),
+                images.new_full((b, s + 1), float("nan")),
+            )
+            for n in methods
+        }
+        for name, i in key_l:
+            c = curves[name]
+            c.deletion[i, 0], c.deletion[i, s] = y[i], deleted[i]
+            c.insertion[i, 0], c.insertion[i, s] = start_ins[i], y[i]
+        if key_l and per > 0:
+            ranks = torch.cat(ranks_l)  # (Q, H*W)
+            img_of = torch.cat(img_l)  # (Q,)
+            n_int = len(interior)
+            cnt = torch.tensor(interior, device=images.device, dtype=torch.long)
+            job_pair = torch.arange(ranks.shape[0], device=images.device).repeat_interleave(per)
+            job_cnt = cnt.repeat(2 * ranks.shape[0])
+            job_ins = (torch.arange(per, device=images.device) >= n_int).repeat(ranks.shape[0])
+            flat_images = images.flatten(2)
+            flat_blur = blurred.flatten(2)
+            zero_flat = self.from_mask_space(torch.zeros_like(images[:1])).flatten(2)
+
+            def build(start: int, stop: int) -> Tensor:
+                pair = job_pair[start:stop]
+                im = img_of[pair]
+                top = ranks[pair] < job_cnt[start:stop, None]  # (n, H*W): already perturbed
+                ins = job_ins[start:stop, None]
+                src = flat_images[im]
+                # deletion keeps the image where not yet removed; insertion where already inserted
+                take_image = torch.where(ins, top, ~top)[:, None]
+                other = torch.where(ins[:, :, None], flat_blur[im], zero_flat.expand_as(src))
+                return torch.where(take_image, src, other).view(-1, 3, h, w)
+
+            sc = self._run(_Jobs(base.targets[img_of[job_pair]], build)).view(-1, per)
+            for row, (name, i) in enumerate(key_l):
+                c = curves[name]
+                c.deletion[i, 1:s] = sc[row, :n_int]
+                c.insertion[i, 1:s] = sc[row, n_int:]
+        return curves
+
+    # ------------------------------------------------------------------ ROAD
+
+    def road(
+        self,
+        images: Tensor,
+        maps: Tensor,
+        labels: Tensor | None = None,
+        base: BaseScores | None = None,
+        percentages: tuple[float, ...] | None = None,
+        tol: float = 1e-5,
+        max_iter: int = 2000,
+    ) -> RoadScores:
+        """ROAD (Rong et al. 2022): scores after removing the most/least relevant p% of pixels.
+
+        Removed pixels are replaced by noisy linear imputation (``functional.noisy_linear_impute``,
+        a batched conjugate-gradient solve of the sparse neighbour system) in the mask space, with
+        noise ``protocol.road_noise`` drawn from a generator seeded with ``protocol.seed``.
+        Cost: ``2 * P`` forward passes per image.
+
+        Args:
+            images: ``(B, 3, H, W)`` in [0, 1].
+            maps: ``(B, H, W)``.
+            labels: ``(B,)`` ground-truth classes.
+            base: Precomputed ``Y`` (used for the targets).
+            percentages: Removal levels; default the protocol's ``road_percentages``.
+            tol: Imputation solver tolerance.
+            max_iter: Imputation solver iteration cap.
+
+        Returns:
+            ``RoadScores`` with ``(B, P)`` MoRF and LeRF scores (NaN rows for non-finite maps).
+        """
+        self._check_images(images)
+        base = self._base(images, base, labels)
+        finite = self._check_maps(images, maps)
+        pcts = self.protocol.road_percentages if percentages is None else tuple(percentages)
+        b, _, h, w = images.shape
+        hw = h * w
+        morf = images.new_full((b, len(pcts)), float("nan"))
+        lerf = morf.clone()
+        ii = finite.nonzero().flatten()
+        if ii.numel() == 0:
+            return RoadScores(pcts, morf, lerf)
+        gen = torch.Generator(device=images.device)
+        gen.manual_seed(self.protocol.seed)
+        ranks = MF.saliency_ranks(maps[ii])  # (Q, H*W)
+        x = self.to_mask_space(images[ii])
+        # Jobs ordered (image, order, percentage); imputed chunk-wise to bound memory.
+        q, n_p = ii.numel(), len(pcts)
+        ks = torch.tensor([round(p * hw / 100) for p in pcts], device=images.device)
+        job_img = torch.arange(q, device=images.device).repeat_interleave(2 * n_p)
+        job_lerf = torch.arange(2, device=images.device).repeat_interleave(n_p).repeat(q) == 1
+        job_k = ks.repeat(2 * q)
+
+        def build(start: int, stop: int) -> Tensor:
+            im = job_img[start:stop]
+            r = ranks[im]
+            k = job_k[start:stop, None]
+            lerf_job = job_lerf[start:stop, None]
+            remove = torch.where(lerf_job, r >= hw - k, r < k).view(-1, h, w)
+            imputed = MF.noisy_linear_impute(
+                x[im], remove, self.protocol.road_noise, gen, tol, max_iter
+            )
+            return self.from_mask_space(imputed)
+
+        sc = self._run(_Jobs(base.targets[ii][job_img], build)).view(q, 2, n_p)
+        morf[ii], lerf[ii] = sc[:, 0], sc[:, 1]
+        return RoadScores(pcts, morf, lerf)
+
+    # ------------------------------------------------------------------ occlusion
+
+    def occlusion_sensitivity(
+        self,
+        images: Tensor,
+        labels: Tensor | None = None,
+        base: BaseScores | None = None,
+        window: int = 32,
+        stride: int = 16,
+    ) -> Tensor:
+        """Occlusion sensitivity (Zeiler & Fergus 2014), for faithfulness (Grad-CAM sec. 5.3).
+
+        A ``window x window`` patch is set to 0 in the mask space at every ``stride``; the value is
+        the drop ``Y - O`` of the target score. Cost: ``gh * gw`` forward passes per image.
+
+        Args:
+            images: ``(B, 3, H, W)``.
+            labels: ``(B,)`` ground-truth classes.
+            base: Precomputed ``Y``.
+            window: Patch size in pixels.
+            stride: Patch stride in pixels.
+
+        Returns:
+            ``(B, gh, gw)`` score drops, ``gh = (H - window) // stride + 1`` (same for ``gw``);
+            compare with ``avg_pool2d(map, window, stride)``.
+        """
+        self._check_images(images)
+        base = self._base(images, base, labels)
+        b, _, h, w = images.shape
+        if not 0 < window <= min(h, w) or stride < 1:
+            raise ValueError(
+                f"need 0 < window <= {min(h, w)} and stride >= 1; got {window}, {stride}"
+            )
+        ys = list(range(0, h - window + 1, stride))
+        xs = list(range(0, w - window + 1, stride))
+        g = len(ys) * len(xs)
+        patches = torch.ones(g, h, w, device=images.device, dtype=images.dtype)
+        for j, (y0, x0) in enumerate((y, x) for y in ys for x in xs):
+            patches[j, y0 : y0 + window, x0 : x0 + window] = 0
+        job_img = torch.arange(b, device=images.device).repeat_interleave(g)
+        job_patch = torch.arange(g, device=images.device).repeat(b)
+
+        def build(start: int, stop: int) -> Tensor:
+            return self.apply_weights(images[job_img[start:stop]], patches[job_patch[start:stop]])
+
+        sc = self._run(_Jobs(base.targets[job_img], build)).view(b, len(ys), len(xs))
+        return base.scores.to(sc.dtype)[:, None, None] - sc
