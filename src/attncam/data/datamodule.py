@@ -168,6 +168,7 @@ class AttnCamDataModule(L.LightningDataModule, ABC):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             generator=generator,
+            collate_fn=getattr(dataset, "collate_fn", None),
             # A last batch of one image would break BatchNorm in training.
             drop_last=shuffle and len(dataset) > batch_size,  # type: ignore[arg-type]
         )

@@ -36,10 +36,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.ops import roi_align
 
-from attncam.data.transforms import JointTransform, load_image, mask_to_box
+from attncam.data.transforms import (
+    EvalTransform,
+    JointTransform,
+    TrainTransform,
+    load_image,
+    mask_to_box,
+)
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -806,6 +812,10 @@ def load_or_generate(
 # ----------------------------------------------------------------------------------------------
 
 
+class PreBatched(list):
+    """A batch a dataset already stacked: `[images, labels, ...]` tensors with a leading B axis."""
+
+
 class SyntheticDataset(Dataset):
     """In-memory view of a synthetic split.
 
@@ -844,6 +854,36 @@ class SyntheticDataset(Dataset):
     def boxes(self) -> torch.Tensor:
         """`(N, 4)` int64 object boxes `(x0, y0, x1, y1)`, `x1`/`y1` exclusive."""
         return self.data.boxes
+
+    def __getitems__(self, indices: list[int]) -> PreBatched | list:
+        """A whole batch at once (the DataLoader calls this): augmentation runs batched.
+
+        Returns:
+            `PreBatched([images (B, 3, S, S), labels (B,)(, masks (B, S, S))])`, already stacked
+            (`collate_fn` passes it through), or a list of items for a transform that only works
+            per image.
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        images = self.data.images[idx]
+        masks = self.data.masks[idx] if self.return_mask else None
+        size = self.data.images.shape[-1]
+        if isinstance(self.transform, TrainTransform):
+            images, masks = self.transform.batch(images, masks)
+        elif self.transform is None or (
+            isinstance(self.transform, EvalTransform) and self.transform.image_size == size
+        ):
+            images = images.float().div_(255.0)
+        else:
+            return [self[i] for i in indices]
+        labels = self.data.labels[idx].clone()
+        return PreBatched([images, labels] if masks is None else [images, labels, masks])
+
+    @staticmethod
+    def collate_fn(batch: PreBatched | list) -> list:
+        """Pass pre-stacked batches through; collate lists of items as usual."""
+        if isinstance(batch, PreBatched):
+            return list(batch)
+        return default_collate(batch)
 
     def __getitem__(
         self, index: int

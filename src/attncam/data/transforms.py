@@ -311,6 +311,74 @@ class TrainTransform:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
+    def batch(
+        self, images: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Augment a batch at once (one `grid_sample`): each image gets its own crop and flip.
+
+        Crops are drawn as in `__call__` (up to 10 tries per image, then the whole image).
+
+        Args:
+            images: `(B, 3, H, W)` uint8 or float images of one size.
+            masks: optional `(B, H, W)` bool masks.
+
+        Returns:
+            `(B, 3, S, S)` float images in [0, 1] and `(B, S, S)` bool masks (or None).
+        """
+        b, _, height, width = images.shape
+        tries = 10
+        area = (
+            height
+            * width
+            * (
+                self.scale[0]
+                + (self.scale[1] - self.scale[0]) * torch.rand(b, tries, generator=self.generator)
+            )
+        )
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(
+            log_lo + (log_hi - log_lo) * torch.rand(b, tries, generator=self.generator)
+        )
+        w = torch.sqrt(area * aspect).round()
+        h = torch.sqrt(area / aspect).round()
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = torch.where(ok.any(dim=1), ok.float().argmax(dim=1), -1)
+        pick = first.clamp(min=0)[:, None]
+        w = torch.where(first >= 0, w.gather(1, pick)[:, 0], float(width))
+        h = torch.where(first >= 0, h.gather(1, pick)[:, 0], float(height))
+        u = torch.rand(b, 2, generator=self.generator)
+        left = torch.floor(u[:, 0] * (width - w + 1)).clamp(max=width - w)
+        top = torch.floor(u[:, 1] * (height - h + 1)).clamp(max=height - h)
+        flip = (
+            torch.rand(b, generator=self.generator) < 0.5
+            if self.hflip
+            else torch.zeros(b, dtype=torch.bool)
+        )
+        # Affine map from output to input coordinates (align_corners=False: -1/1 are the outer
+        # pixel edges); a flip negates the x scale.
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0] = torch.where(flip, -w / width, w / width)
+        theta[:, 0, 2] = (2 * left + w) / width - 1
+        theta[:, 1, 1] = h / height
+        theta[:, 1, 2] = (2 * top + h) / height - 1
+        size = torch.Size((b, 1, self.image_size, self.image_size))
+        grid = F.affine_grid(theta, list(size), align_corners=False)
+        # Bilinear sampling: exact for the mild crops (upsampling) this is meant for; strong
+        # downscaling should use the per-image `__call__`, which antialiases.
+        out = F.grid_sample(
+            _to_float(images), grid, mode="bilinear", padding_mode="border", align_corners=False
+        ).clamp_(0.0, 1.0)
+        if masks is None:
+            return out, None
+        if tuple(masks.shape) != (b, height, width):
+            raise ValueError(
+                f"masks shape {tuple(masks.shape)} does not match the images {(b, height, width)}"
+            )
+        out_masks = F.grid_sample(
+            masks[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+        )[:, 0]
+        return out, out_masks > 0.5
+
     def __call__(
         self, image: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
