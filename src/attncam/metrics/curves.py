@@ -78,12 +78,18 @@ class DeletionInsertion(PerImageMetric):
     def mean_curves(self) -> dict[str, Tensor]:
         """Mean curves for plotting: ``fractions``, ``deletion``, ``insertion``, each ``(S+1,)``.
 
-        Call after ``compute()`` under DDP so the states are synced.
+        Under DDP the states are synced for the call (every process must call it).
         """
         if self.fractions is None:
             raise ValueError("no curves yet: call update() first")
-        d = self._cat("deletion_curve").reshape(-1, self.fractions.shape[0])
-        i = self._cat("insertion_curve").reshape(-1, self.fractions.shape[0])
+        n = self.fractions.shape[0]
+        with self.sync_context(
+            should_sync=self._to_sync, distributed_available=self.distributed_available_fn
+        ):
+            d = self._cat("deletion_curve").reshape(-1, n)
+            i = self._cat("insertion_curve").reshape(-1, n)
+        if d.shape[0] == 0:
+            raise ValueError(f"no valid curve to average (skipped: {self.skipped_counts()})")
         return {"fractions": self.fractions, "deletion": d.mean(0), "insertion": i.mean(0)}
 
 
