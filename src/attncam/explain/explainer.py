@@ -1,0 +1,292 @@
+"""``Explainer``: every registered method behind one call, sharing one forward/backward pass."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from attncam.explain.methods.base import (
+    Method,
+    Pass,
+    ReshapeTransform,
+    default_layers,
+    forward_backward,
+)
+from attncam.explain.methods.registry import available_methods, get_method
+
+log = logging.getLogger(__name__)
+
+MethodsArg = (
+    str | Sequence[str | tuple[str, Mapping[str, Any]] | Mapping[str, Any]] | Mapping[str, Any]
+)
+
+
+@dataclass
+class Explanation:
+    """What one :meth:`Explainer.explain` call returns.
+
+    Attributes:
+        maps: result name -> ``(B, H, W)`` map in [0, 1].
+        targets: ``(B,)`` explained class per image.
+        logits: ``(B, N)`` of the clean forward pass.
+        extras: side results, e.g. ``"scorecam.skipped"`` ``(B,)`` (constant channels skipped),
+            ``"guided_backprop.gradient"`` ``(B, 3, H, W)``.
+    """
+
+    maps: dict[str, torch.Tensor]
+    targets: torch.Tensor
+    logits: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_methods(methods: MethodsArg, shared: Mapping[str, Any] | None = None) -> list[Method]:
+    """Build method objects from the accepted spellings.
+
+    Accepted: a key ``"gradcam"``; a list whose items are keys, ``(key, options)`` pairs or
+    ``{"key": ..., "options": {...}}`` / ``{key: options}`` mappings; or a mapping
+    ``{key: options}``. ``shared`` options (the Explainer's ``**options``) go to every method
+    that has that option; an option no method has is an error.
+
+    Returns:
+        The methods, in the given order; result names must be unique.
+    """
+    items: list[tuple[str, dict[str, Any]]] = []
+    if isinstance(methods, str):
+        items.append((methods, {}))
+    elif isinstance(methods, Mapping):
+        items.extend((k, dict(v or {})) for k, v in methods.items())
+    else:
+        for item in methods:
+            if isinstance(item, str):
+                items.append((item, {}))
+            elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                items.append((item[0], dict(item[1] or {})))
+            elif isinstance(item, Mapping) and "key" in item:
+                items.append((str(item["key"]), dict(item.get("options") or {})))
+            elif isinstance(item, Mapping) and len(item) == 1:
+                ((k, v),) = item.items()
+                items.append((str(k), dict(v or {})))
+            else:
+                raise ValueError(
+                    f"cannot read method spec {item!r}; use 'key', ('key', {{options}}) or "
+                    "{'key': ..., 'options': {...}}"
+                )
+    if not items:
+        raise ValueError(f"no methods given; choose from: {', '.join(available_methods())}")
+    shared = dict(shared or {})
+    built: list[Method] = []
+    used: set[str] = set()
+    for key, opts in items:
+        cls = get_method(key)
+        extra = {k: v for k, v in shared.items() if k in cls.defaults and k not in opts}
+        used.update(extra)
+        built.append(cls(**{**extra, **opts}))
+    unused = sorted(set(shared) - used)
+    if unused:
+        raise ValueError(
+            f"option(s) {', '.join(map(repr, unused))} apply to none of the methods "
+            f"{[m.key for m in built]}"
+        )
+    names = [m.name for m in built]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"methods requested twice with the same options: {dupes}")
+    return built
+
+
+def methods_from_config(cfg: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Method specs from a ``conf/method/*.yaml`` group (a plain mapping; no Hydra needed).
+
+    Format::
+
+        names: [gradcam, gradcampp]            # registry keys, in order
+        options:                               # optional, per key
+          gradcampp: {variant: formula}
+        variants:                              # optional extra instances of a key
+          - {key: gradcampp, options: {variant: torchcam020}}
+
+    Returns:
+        ``[(key, options), ...]`` for :class:`Explainer`.
+    """
+    names = list(cfg.get("names") or [])
+    options = dict(cfg.get("options") or {})
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise ValueError(f"method options given for {unknown}, which are not in names {names}")
+    specs = [(str(n), dict(options.get(n) or {})) for n in names]
+    for v in cfg.get("variants") or []:
+        specs.append((str(v["key"]), dict(v.get("options") or {})))
+    return specs
+
+
+@contextmanager
+def explaining(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters for the duration; both restored exactly on any exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+class Explainer:
+    """Explain a classifier's decisions with any registered methods.
+
+    Example::
+
+        explainer = Explainer(net, ["gradcam", ("gradcampp", {"variant": "torchcam020"})])
+        maps = explainer(images)            # {"gradcam": (B, H, W), "gradcampp[torchcam020]": ...}
+
+    Args:
+        model: any ``nn.Module`` mapping ``(B, 3, H, W)`` images to logits ``(B, N)``. An
+            ``AttentionNet`` supplies defaults (``cam_layer``, ``head_input_layer``, the
+            classifier, attention modules); other models need ``layer``.
+        methods: see :func:`parse_methods`; keys are listed by ``available_methods()``.
+        layer: dotted CAM layer, or a list (each layer's map normalised at the input size, then
+            their mean, normalised again); None means ``model.cam_layer``.
+        reshape_transform: maps a captured layer output and its gradient to ``(B, K, h, w)``
+            (e.g. ViT tokens).
+        broadcast: allow one class (an ``int``) for the whole batch.
+        upsample: resize maps to the input size (False keeps the layer's size, for CAM methods).
+        **options: options given to every method that has them, e.g. ``counterfactual=True``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        methods: MethodsArg = ("gradcam",),
+        layer: str | list[str] | None = None,
+        *,
+        reshape_transform: ReshapeTransform | None = None,
+        broadcast: bool = False,
+        upsample: bool = True,
+        **options: Any,
+    ) -> None:
+        self.model = model
+        self.methods = parse_methods(methods, options)
+        self.layers = default_layers(model, layer)
+        self.reshape_transform = reshape_transform
+        self.broadcast = broadcast
+        self.upsample = upsample
+        for m in self.methods:
+            m.check(model, self.layers)
+        self.grad_sites = list(
+            dict.fromkeys(s for m in self.methods for s in m.grad_sites(model, self.layers))
+        )
+        self.record_sites = [
+            s
+            for s in dict.fromkeys(
+                s for m in self.methods for s in m.record_sites(model, self.layers)
+            )
+            if s not in self.grad_sites
+        ]
+
+    @property
+    def names(self) -> list[str]:
+        """Result keys, in order."""
+        return [m.name for m in self.methods]
+
+    def __call__(
+        self, images: torch.Tensor, targets: torch.Tensor | Sequence[int] | int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Maps ``{name: (B, H, W)}`` in [0, 1] for ``images`` ``(B, 3, H, W)``.
+
+        Args:
+            images: pixel images as the model expects them.
+            targets: None (each image's top-1 class), one class per image ``(B,)``, or an
+                ``int`` for all images when ``broadcast=True``.
+        """
+        return self.explain(images, targets).maps
+
+    def _targets(
+        self, targets: torch.Tensor | Sequence[int] | int | None, b: int, device: torch.device
+    ) -> torch.Tensor | None:
+        if targets is None:
+            return None
+        if isinstance(targets, int) or (isinstance(targets, torch.Tensor) and targets.ndim == 0):
+            if not self.broadcast:
+                raise ValueError(
+                    f"targets={int(targets)} is one class for a batch of {b}; pass one class per "
+                    "image, or Explainer(..., broadcast=True) to use it for every image"
+                )
+            return torch.full((b,), int(targets), dtype=torch.long, device=device)
+        t = torch.as_tensor(targets, device=device)
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError(f"targets must be integer class indices, got dtype {t.dtype}")
+        if t.ndim != 1 or t.shape[0] != b:
+            raise ValueError(
+                f"targets has shape {tuple(t.shape)} but the batch has {b} images; "
+                "pass one class per image"
+            )
+        return t.long()
+
+    def explain(
+        self, images: torch.Tensor, targets: torch.Tensor | Sequence[int] | int | None = None
+    ) -> Explanation:
+        """Like ``__call__``, also returning targets, logits and side results."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
+            raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
+        images = images.detach()
+        if not images.is_floating_point():
+            raise ValueError(f"images must be floating point, got {images.dtype}")
+        b = images.shape[0]
+        given = self._targets(targets, b, images.device)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            n = logits.shape[1]
+            if given is None:
+                return logits.argmax(1)
+            bad = (given < 0) | (given >= n)
+            if bad.any():
+                raise ValueError(
+                    f"target class(es) {given[bad].tolist()} out of range for a model with {n} "
+                    f"classes (valid: 0..{n - 1})"
+                )
+            return given
+
+        with explaining(self.model), torch.inference_mode(False):
+            logits, t, acts, grads = forward_backward(
+                self.model,
+                images,
+                self.grad_sites,
+                self.record_sites,
+                pick,
+                self.reshape_transform,
+                set(self.layers),
+            )
+            p = Pass(
+                model=self.model,
+                images=images,
+                targets=t,
+                logits=logits,
+                acts=acts,
+                grads=grads,
+                layers=self.layers,
+                reshape=self.reshape_transform,
+                size=tuple(images.shape[-2:]) if self.upsample else None,
+            )
+            maps: dict[str, torch.Tensor] = {}
+            for m in self.methods:
+                maps[m.name] = m.compute(p)
+                p.cache[m.name] = maps[m.name]
+        return Explanation(maps=maps, targets=t, logits=logits, extras=p.extras)
+
+    def __repr__(self) -> str:
+        return f"Explainer(methods={self.names}, layers={self.layers})"
+
+
+__all__ = ["Explainer", "Explanation", "explaining", "methods_from_config", "parse_methods"]
