@@ -1,0 +1,100 @@
+"""What both stages share: loggers, atomic checkpoint writing, seeds and output folders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints to a temporary file in the same folder, then ``os.replace`` it.
+
+    A run killed while saving leaves the previous checkpoint intact and no half-written file
+    under the final name.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
+    ) -> None:
+        """Save ``checkpoint`` to ``path`` atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def wandb_offline_by_default() -> None:
+    """Run W&B offline unless a mode or an API key is set, so it never prompts or hangs."""
+    if not os.environ.get("WANDB_MODE") and not os.environ.get("WANDB_API_KEY"):
+        netrc = Path.home() / ".netrc"
+        if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")):
+            os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+
+
+def build_loggers(cfg: DictConfig, out_dir: Path) -> list[Logger]:
+    """Loggers named in ``cfg.logger`` (``wandb``, ``csv``; ``none`` gives none)."""
+    loggers: list[Logger] = []
+    conf = cfg.get("logger") or {}
+    if conf.get("csv"):
+        loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
+    if conf.get("wandb"):
+        wandb_offline_by_default()
+        w = conf.wandb
+        tags = list(w.get("tags") or [])
+        loggers.append(
+            WandbLogger(
+                project=w.get("project", "attncam"),
+                entity=w.get("entity"),
+                name=w.get("name"),
+                group=w.get("group"),
+                tags=tags,
+                save_dir=str(out_dir),
+                offline=os.environ.get("WANDB_MODE") == "offline",
+                config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+            )
+        )
+    return loggers
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """The run's own folder: Hydra's when running under Hydra, else ``cfg.output_dir``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir)
+    except ImportError:
+        pass
+    out = cfg.get("output_dir")
+    if not out:
+        raise ValueError("no output folder: run under Hydra or set output_dir=PATH")
+    return Path(out)

@@ -1,0 +1,157 @@
+"""The training stage: ``run(cfg)`` fine-tunes a backbone with attention and returns its metrics."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    TQDMProgressBar,
+)
+from omegaconf import DictConfig, OmegaConf
+
+from attncam.models.lit_module import ClassifierModule, FreezePretrained
+from attncam.stages.common import AtomicCheckpointIO, build_loggers, output_dir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def build_module(cfg: DictConfig, num_classes: int) -> ClassifierModule:
+    """A :class:`ClassifierModule` from the ``model`` and ``optim`` config groups."""
+    m, o = cfg.model, cfg.optim
+    return ClassifierModule(
+        backbone=m.backbone,
+        num_classes=num_classes,
+        attention=m.get("attention", "none"),
+        placement=m.get("placement", "blocks"),
+        reduction=m.get("reduction", 16),
+        kernel_size=m.get("kernel_size", 7),
+        pretrained=m.get("pretrained", False),
+        weights=m.get("weights"),
+        channels_last=m.get("channels_last", False),
+        optimizer=o.optimizer,
+        lr=o.lr,
+        lr_pretrained=o.get("lr_pretrained"),
+        momentum=o.get("momentum", 0.9),
+        weight_decay=o.get("weight_decay", 0.0),
+        scheduler=o.get("scheduler", "none"),
+        step_size=o.get("step_size", 30),
+        gamma=o.get("gamma", 0.1),
+        warmup_epochs=o.get("warmup_epochs", 0),
+        max_epochs=cfg.trainer.get("max_epochs") or 1,
+        label_smoothing=o.get("label_smoothing", 0.0),
+    )
+
+
+def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[Callback]:
+    """Checkpointing (best and last), learning-rate monitor, progress bar, optional freezing."""
+    c = cfg.get("callbacks") or {}
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=str(ckpt_dir),
+            filename="best",
+            monitor=c.get("monitor", "val/acc"),
+            mode=c.get("mode", "max"),
+            save_last=True,
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
+        TQDMProgressBar(refresh_rate=c.get("progress_refresh", 10)),
+    ]
+    if cfg.get("logger") and any(cfg.logger.get(k) for k in ("wandb", "csv")):
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    freeze = int(c.get("freeze_epochs", 0) or 0)
+    if freeze > 0:
+        callbacks.append(FreezePretrained(epochs=freeze))
+    return callbacks
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, validate and test the model described by ``cfg``.
+
+    Returns:
+        ``{"output_dir", "best_checkpoint", "last_checkpoint", "val/acc", "test/acc", ...}``;
+        the same dictionary is written to ``results.json`` in the run folder.
+    """
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("deterministic", False):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    num_classes = int(datamodule.num_classes)
+    module = build_module(cfg, num_classes)
+    if cfg.model.get("compile", False):
+        module.net = torch.compile(module.net)  # type: ignore[assignment]
+
+    ckpt_dir = out / "checkpoints"
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer_kwargs, dict)
+    trainer = L.Trainer(
+        **trainer_kwargs,  # type: ignore[arg-type]
+        default_root_dir=str(out),
+        logger=build_loggers(cfg, out) or False,
+        callbacks=build_callbacks(cfg, ckpt_dir),
+        plugins=[AtomicCheckpointIO()],
+    )
+    write_json_atomic(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
+
+    resume = cfg.get("resume")
+    if resume == "last":
+        last = ckpt_dir / "last.ckpt"
+        resume = str(last) if last.is_file() else None
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    fit_seconds = time.perf_counter() - start
+
+    results: dict[str, Any] = {
+        "output_dir": str(out),
+        "fit_seconds": round(fit_seconds, 2),
+        "num_classes": num_classes,
+        "class_names": list(getattr(datamodule, "class_names", []) or []),
+        "model": cfg.model.backbone,
+        "attention": cfg.model.get("attention", "none"),
+        "placement": cfg.model.get("placement", "blocks"),
+        "epochs": trainer.current_epoch,
+    }
+    for k, v in trainer.callback_metrics.items():
+        if k.startswith(("val/", "train/")):
+            results[k] = float(v)
+    ckpt_cb = trainer.checkpoint_callback
+    best = getattr(ckpt_cb, "best_model_path", "") or ""
+    results["best_checkpoint"] = best or None
+    last_path = ckpt_dir / "last.ckpt"
+    results["last_checkpoint"] = str(last_path) if last_path.is_file() else None
+
+    if cfg.get("test", True) and not trainer_kwargs.get("fast_dev_run"):
+        datamodule.setup("test")
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        for k, v in (tested[0] if tested else {}).items():
+            results[k] = float(v)
+    for k in list(results):
+        if isinstance(results[k], float) and math.isnan(results[k]):
+            raise FloatingPointError(f"{k} is NaN: training diverged; lower optim.lr")
+    write_json_atomic(out / "results.json", results)
+    log.info(
+        "val/acc %.4f  test/acc %s  in %.0f s  -> %s",
+        results.get("val/acc", float("nan")),
+        results.get("test/acc"),
+        fit_seconds,
+        out,
+    )
+    return results
