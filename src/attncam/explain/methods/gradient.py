@@ -112,8 +112,9 @@ class SmoothGradCAMPP(CAMMethod):
         sigma: noise std in pixel units, images in [0, 1] (default 0.15; ``torchcam020``: 0.3
             in *normalised* units, i.e. ``0.3 * model.input_std`` per channel in pixels).
         variant: ``formula`` or ``torchcam020`` (torchcam's: ``alpha = mean g^2 / (2 mean g^2 +
-            sum_ab A_ab mean g^3_ab + 1e-8)``, weights ``sum alpha ReLU(g_last)`` with the last
-            sample's gradient).
+            sum_ab A_ab mean g^3_ab + 1e-8)`` with the clean ``A``, weights
+            ``sum alpha ReLU(g_last)`` with the last sample's gradient, and the map
+            ``sum_k w_k A_last^k`` with the last sample's activations).
         batch_size: images per forward pass.
         seed: seed of a private generator for the noise; None draws from torch's global RNG.
     """
@@ -162,6 +163,7 @@ class SmoothGradCAMPP(CAMMethod):
             for layer in layers
         }
         last: dict[str, torch.Tensor] = {}
+        last_act: dict[str, torch.Tensor] = {}
         per_chunk = max(1, int(self.options["batch_size"]) // b)
         done = 0
         while done < n:
@@ -170,7 +172,7 @@ class SmoothGradCAMPP(CAMMethod):
                 p.images.device
             )
             x = p.images.repeat(m, 1, 1, 1) + noise * scale
-            _, _, _, grads = forward_backward(
+            _, _, noisy, grads = forward_backward(
                 p.model, x, layers, [], p.targets.repeat(m), p.reshape, set(p.layers) | set(layers)
             )
             for layer in layers:
@@ -183,6 +185,7 @@ class SmoothGradCAMPP(CAMMethod):
                 s2 += g2.sum(0)
                 s3 += (g2 * g).sum(0)
                 last[layer] = g[-1]
+                last_act[layer] = noisy[layer].view(m, b, *g.shape[2:])[-1]
             done += m
         maps = []
         for layer in layers:
@@ -191,6 +194,8 @@ class SmoothGradCAMPP(CAMMethod):
             if torchcam:
                 den = 2 * m2 + (m3 * a).sum((2, 3), keepdim=True) + 1e-8
                 w = (m2 / den * torch.relu(last[layer])).sum((2, 3))
+                # torchcam's hook keeps the last noisy forward's activations for the final sum.
+                a = last_act[layer]
             else:
                 w = gradcampp_weights(a, m1, m2, m3)
             maps.append(finish(torch.einsum("bk,bkhw->bhw", w, a), p.size))
