@@ -276,3 +276,32 @@ def test_deletion_insertion_matches_torchcam_without_blur() -> None:
     got = metric.compute()
     assert got["deletion"].value == pytest.approx(want["deletion_auc"], rel=1e-4)
     assert got["insertion"].value == pytest.approx(want["insertion_auc"], rel=1e-4)
+
+
+def test_optimized_inference_copy_agrees_and_tracks_weight_updates() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    net[1].running_mean.uniform_(-1, 1)
+    model = PixelModel(net, (0.5,) * 3, (0.25,) * 3).train()
+    images, maps = torch.rand(3, 3, 12, 12), torch.rand(3, 12, 12)
+    plain, fast = Perturber(model), Perturber(model, optimize=True)
+    a, b = plain.base_scores(images), fast.base_scores(images)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5) and model.training
+    assert torch.allclose(
+        plain.masked_scores(images, maps, base=a),
+        fast.masked_scores(images, maps, base=b),
+        atol=1e-5,
+    )
+    assert fast.images_forwarded == 6
+    with torch.no_grad():
+        net[5].weight.mul_(3)  # an in-place update (as an optimiser step) rebuilds the copy
+    assert torch.allclose(
+        plain.base_scores(images).logits, fast.base_scores(images).logits, atol=1e-5
+    )
