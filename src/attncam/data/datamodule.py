@@ -211,8 +211,8 @@ class AttnCamDataModule(L.LightningDataModule, ABC):
 class SyntheticDataModule(AttnCamDataModule):
     """The built-in synthetic shapes-on-photos data (see `attncam.data.synthetic`), in memory.
 
-    The three splits are generated once (about 15 s for the defaults on two cores) and cached in
-    `cache_dir`; augmentation runs on the in-memory uint8 tensors.
+    The three splits are generated once (about 25 s of single-core CPU time for the defaults) and
+    cached in `cache_dir`; augmentation runs batched on the in-memory uint8 tensors.
 
     Args:
         image_size: side `S` of the generated images.
