@@ -161,6 +161,9 @@ class Explainer:
             (e.g. ViT tokens).
         broadcast: allow one class (an ``int``) for the whole batch.
         upsample: resize maps to the input size (False keeps the layer's size, for CAM methods).
+        channels_last: give the model its input in channels-last memory layout (same values;
+            oneDNN convolutions run about 1.4x faster on CPU, measured in
+            ``benchmarks/explain.md``); False keeps the caller's layout.
         **options: options given to every method that has them, e.g. ``counterfactual=True``.
     """
 
@@ -173,6 +176,7 @@ class Explainer:
         reshape_transform: ReshapeTransform | None = None,
         broadcast: bool = False,
         upsample: bool = True,
+        channels_last: bool = True,
         **options: Any,
     ) -> None:
         self.model = model
@@ -181,6 +185,7 @@ class Explainer:
         self.reshape_transform = reshape_transform
         self.broadcast = broadcast
         self.upsample = upsample
+        self.channels_last = channels_last
         for m in self.methods:
             m.check(model, self.layers)
         self.grad_sites = list(
@@ -243,6 +248,8 @@ class Explainer:
         images = images.detach()
         if not images.is_floating_point():
             raise ValueError(f"images must be floating point, got {images.dtype}")
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         b = images.shape[0]
         given = self._targets(targets, b, images.device)
 

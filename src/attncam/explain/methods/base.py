@@ -159,6 +159,12 @@ class Pass:
         """Gradient at ``site`` (it must have been a gradient site)."""
         return self.grads[site]
 
+    def like_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(N, 3, H, W)`` in the memory layout of ``images`` (channels-last or not)."""
+        if self.images.is_contiguous(memory_format=torch.channels_last):
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def score(self, logits: torch.Tensor, repeat: int = 1) -> torch.Tensor:
         """Target logits ``(B*repeat,)`` from ``logits`` ``(B*repeat, N)`` (images tiled)."""
         t = self.targets.repeat(repeat) if repeat > 1 else self.targets

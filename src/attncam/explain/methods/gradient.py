@@ -171,7 +171,7 @@ class SmoothGradCAMPP(CAMMethod):
             noise = torch.cat([torch.randn(p.images.shape, generator=gen) for _ in range(m)]).to(
                 p.images.device
             )
-            x = p.images.repeat(m, 1, 1, 1) + noise * scale
+            x = p.like_input(p.images.repeat(m, 1, 1, 1) + noise * scale)
             _, _, noisy, grads = forward_backward(
                 p.model, x, layers, [], p.targets.repeat(m), p.reshape, set(p.layers) | set(layers)
             )

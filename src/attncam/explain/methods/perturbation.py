@@ -51,7 +51,7 @@ class ScoreCAM(CAMMethod):
                 m = upsample(a[bs, ks], size).flatten(1)  # (m, H*W)
                 lo = m.amin(1, keepdim=True)
                 m = (m - lo) / (m.amax(1, keepdim=True) - lo).clamp_min(1e-12)
-                x = p.images[bs] * m.view(-1, 1, *size)
+                x = p.like_input(p.images[bs] * m.view(-1, 1, *size))
                 probs = torch.softmax(p.model(x).float(), 1)
                 weights[bs, ks] = probs.gather(1, p.targets[bs, None])[:, 0].to(a.dtype)
         return torch.einsum("bk,bkhw->bhw", weights, a)
@@ -151,7 +151,7 @@ class Occlusion(Method):
             for s in range(0, bi.numel(), step):
                 bs, ps = bi[s : s + step], pi[s : s + step]
                 m = mask[ps][:, None]
-                x = p.images[bs] * (1 - m) + fill * m
+                x = p.like_input(p.images[bs] * (1 - m) + fill * m)
                 drops[bs, ps] = (base[bs] - self._score(p.model(x), p.targets[bs])).to(drops.dtype)
         total = torch.einsum("bp,phw->bhw", drops, mask)
         return finish(total / mask.sum(0).clamp_min(1), None)
