@@ -290,15 +290,22 @@ def load_classifier(
     """
     import pathlib
     import pickle
+    import zipfile
 
     p = pathlib.Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(p):  # torch.save has written zip archives since torch 1.6
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a readable torch checkpoint (not a torch zip "
+            "archive: truncated, corrupt or another format)"
+        )
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as err:
+        detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is refused by the weights-only loader ({err}); it holds "
+            f"checkpoint {str(path)!r} is refused by the weights-only loader ({detail}): it holds "
             "objects that would run code when unpickled. Load it only if you trust its source, "
             "with trust_checkpoint=true"
         ) from None
