@@ -180,17 +180,28 @@ def scorecam(reps: int, n_images: int) -> dict[str, object]:
 
 
 MEM_CHILD = """
-import json, resource, sys, warnings, torch
+import json, sys, warnings, torch
 warnings.filterwarnings("ignore")
 sys.path.insert(0, {src!r})
 torch.set_num_threads({threads})
 from attncam.models.net import AttentionNet
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+
+
 torch.manual_seed(0)
 net = AttentionNet("resnet50", 1000).eval()
 x = torch.rand(32, 3, 224, 224)
 with torch.no_grad():
     t = net(x[:1]).argmax(1).repeat(32)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# Reset the peak-RSS mark (VmHWM): ru_maxrss would carry the parent's peak across exec.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
 if {who!r} == "attncam":
     from attncam.explain import Explainer
     Explainer(net, ["gradcam"])(x, t)
@@ -198,8 +209,7 @@ else:
     from torchcam.methods import GradCAM
     with GradCAM(net, net.cam_layer) as cam:
         cam(t.tolist(), net(x))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"base_mb": base / 1024, "peak_mb": peak / 1024}}))
+print(json.dumps({{"base_mb": base, "peak_mb": status("VmHWM")}}))
 """
 
 
@@ -223,10 +233,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "explain.md"))
+    ap.add_argument("--cache", default="", help="JSON file keeping finished parts across reruns")
     args = ap.parse_args()
+    cache: dict = (
+        json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
+    )
+
+    def part(name: str, fn: Callable[[], object]) -> object:
+        if name not in cache:
+            cache[name] = fn()
+            if args.cache:
+                Path(args.cache).write_text(json.dumps(cache))
+        return cache[name]
+
     reps = 2 if args.quick else args.reps
     t0 = time.time()
-    sp = speed(reps)
+    sp = part("speed", lambda: speed(reps))
     ips = {k: 8 / v for k, v in sp.items()}
     floors = [k for k in ips if k.startswith("forward")]
     floor = max(ips[k] for k in floors)
@@ -250,7 +272,7 @@ def main() -> None:
     )
     sc = mem = None
     if not args.quick:
-        sc = scorecam(2, 1)
+        sc = part("scorecam", lambda: scorecam(2, 1))
         st = sc["times"]
         ratio = st["torchcam ScoreCAM"] / st["attncam scorecam (exact)"]
         rows.append(
@@ -261,9 +283,9 @@ def main() -> None:
                 ratio >= 2,
             )
         )
-        mem = memory()
+        mem = part("memory", memory)
         d = {k: v["peak_mb"] - v["base_mb"] for k, v in mem.items()}
-        ratio = d["attncam"] / d["torchcam"]
+        ratio = d["attncam"] / d["torchcam"] if d["torchcam"] > 0 else float("nan")
         rows.append(
             (
                 "gradcam peak memory vs torchcam, batch 32 (extra peak RSS)",
@@ -278,7 +300,8 @@ def main() -> None:
         "",
         f"Written by `scripts/bench_explain.py` ({'--quick' if args.quick else 'full run'}) on "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}; total {time.time() - t0:.0f} s. Random ResNet-50 weights, "
+        f"torch {torch.__version__}; this invocation {time.time() - t0:.0f} s"
+        f"{' (parts reused from --cache)' if args.cache else ''}. Random ResNet-50 weights, "
         "224 x 224, batch 8, CPU; contenders interleaved, median of "
         f"{reps} repetitions each after one warm-up.",
         "",
@@ -311,8 +334,8 @@ def main() -> None:
     if mem is not None:
         lines += [
             "",
-            "Memory: peak RSS of a fresh process, minus its peak after building the model and a "
-            "batch of 32 images:",
+            "Memory: in a fresh process per contender, the peak RSS (VmHWM, reset after building "
+            "the model and a batch of 32 images) minus the RSS at that point:",
             "",
             "| | base MB | peak MB | extra MB |",
             "|---|---|---|---|",
