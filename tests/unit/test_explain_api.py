@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-import yaml
 
 from attncam.explain import Explainer, available_methods, methods_from_config, normalize_maps
 from attncam.explain.methods.base import upsample
@@ -182,18 +181,33 @@ def test_cam_needs_classifier_on_plain_models() -> None:
     torch.testing.assert_close(out["cam[classifier=fc]"], out["gradcam"])
 
 
+def _compose_method(choice: str) -> dict:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        cfg = compose("explain", overrides=[f"method={choice}"])
+    return OmegaConf.to_container(cfg.method, resolve=True)
+
+
 def test_method_configs() -> None:
     files = sorted(CONF.glob("*.yaml"))
     keys = {f.stem for f in files} - {"paper", "all"}
     assert keys == set(available_methods())
+    net = AttentionNet("tiny", 5, attention="cbam")
     for f in files:
-        specs = methods_from_config(yaml.safe_load(f.read_text()))
+        specs = methods_from_config(_compose_method(f.stem))
         if f.stem in keys:
             assert [k for k, _ in specs] == [f.stem]
-        net = AttentionNet("tiny", 5, attention="cbam")
         ex = Explainer(net, specs)
         assert len(set(ex.names)) == len(specs)
-    paper = methods_from_config(yaml.safe_load((CONF / "paper.yaml").read_text()))
+    pair = methods_from_config(_compose_method("[gradcam,xgradcam]"))
+    assert [k for k, _ in pair] == ["gradcam", "xgradcam"]
+    with pytest.raises(ValueError, match="has no 'key'"):
+        methods_from_config({"gradcam": {"options": {}}})
+    paper = methods_from_config(_compose_method("paper"))
     assert [k for k, _ in paper][:5] == [
         "gradcam",
         "gradcampp",

@@ -101,27 +101,25 @@ def parse_methods(methods: MethodsArg, shared: Mapping[str, Any] | None = None) 
 
 
 def methods_from_config(cfg: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """Method specs from a ``conf/method/*.yaml`` group (a plain mapping; no Hydra needed).
+    """Method specs from the composed ``method`` config group (a plain mapping; no Hydra needed).
 
-    Format::
+    Format (each ``conf/method/<key>.yaml`` adds one entry under its own name, so files compose
+    as ``method=[gradcam,xgradcam]`` or through a group's ``defaults`` list)::
 
-        names: [gradcam, gradcampp]            # registry keys, in order
-        options:                               # optional, per key
-          gradcampp: {variant: formula}
-        variants:                              # optional extra instances of a key
-          - {key: gradcampp, options: {variant: torchcam020}}
+        gradcam: {key: gradcam, options: {layer: null}}
+        gradcampp_torchcam020: {key: gradcampp, options: {variant: torchcam020}}
 
     Returns:
-        ``[(key, options), ...]`` for :class:`Explainer`.
+        ``[(key, options), ...]`` for :class:`Explainer`, in the config's order.
     """
-    names = list(cfg.get("names") or [])
-    options = dict(cfg.get("options") or {})
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        raise ValueError(f"method options given for {unknown}, which are not in names {names}")
-    specs = [(str(n), dict(options.get(n) or {})) for n in names]
-    for v in cfg.get("variants") or []:
-        specs.append((str(v["key"]), dict(v.get("options") or {})))
+    specs: list[tuple[str, dict[str, Any]]] = []
+    for entry_name, entry in cfg.items():
+        if not isinstance(entry, Mapping) or "key" not in entry:
+            raise ValueError(
+                f"method entry {entry_name!r} has no 'key'; each conf/method file holds "
+                "{key: <registry key>, options: {...}}"
+            )
+        specs.append((str(entry["key"]), dict(entry.get("options") or {})))
     return specs
 
 
