@@ -56,7 +56,7 @@ def _torchcam(
 
 def test_agreement_with_peers(model: tuple[nn.Module, str]) -> None:
     net, layer = model
-    x = torch.rand(2, 3, 64, 64)
+    x = torch.rand(2, 3, 48, 48)  # 2 x 2 (ResNet) and 3 x 3 (VGG) at the CAM layer
     keys = ["gradcam", "xgradcam", "layercam", "hirescam"]
     res = Explainer(net, keys, layer=layer).explain(x)
     t = res.targets
