@@ -88,7 +88,7 @@ def load_model(cfg: DictConfig) -> ModelInfo:
     ckpt, name = cfg.get("ckpt"), cfg.get("model")
     if ckpt and name:
         raise ExplainInputError(
-            f"give ckpt=PATH or model=NAME, not both (got ckpt={ckpt!r}, model={name!r})"
+            f"give ckpt=PATH or model=NAME, not both (got ckpt={ckpt!r}, model={name.backbone!r})"
         )
     if ckpt:
         path = Path(str(ckpt))
@@ -106,21 +106,22 @@ def load_model(cfg: DictConfig) -> ModelInfo:
             train_config=train_cfg,
         )
     if name:
-        if not isinstance(name, str):
+        if not isinstance(name, Mapping) or "backbone" not in name:
             raise ExplainInputError(
-                f"model must be a backbone name such as efficientnet_lite0, got {name!r}"
+                f"model must name a backbone config such as model=efficientnet_lite0, got {name!r}"
             )
+        weights = name.get("weights")
         net = AttentionNet(
-            name,
+            str(name.backbone),
             1000,
             attention="none",
-            pretrained=cfg.get("weights") is None,
-            weights=cfg.get("weights"),
+            pretrained=bool(name.get("pretrained", True)) and weights is None,
+            weights=weights,
         ).eval()
         return ModelInfo(
             net=net,
             source="pretrained",
-            hparams={"backbone": name, "attention": "none", "num_classes": 1000},
+            hparams={"backbone": str(name.backbone), "attention": "none", "num_classes": 1000},
             class_names=net.class_names,
         )
     raise ExplainInputError(
@@ -662,6 +663,7 @@ def _versions() -> dict[str, str]:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
+    out["torch"] = torch.__version__  # with its build tag (+cpu, +cu130)
     return out
 
 

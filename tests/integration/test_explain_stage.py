@@ -1,0 +1,257 @@
+"""The explain stage end to end on model=tiny: checkpoint, data split, image files, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+from attncam.explain import available_methods
+from attncam.models.lit_module import CheckpointError
+from attncam.stages import explain as explain_stage
+from attncam.stages import train as train_stage
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+SMALL_DATA = [
+    "data.image_size=32",
+    "data.num_train=64",
+    "data.num_val=32",
+    "data.num_test=32",
+    "data.batch_size=16",
+]
+FAST_METRICS = ["metrics=fast", "metrics.num_resamples=50", "metrics.protocol.steps=4"]
+
+
+def _compose(name: str, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Path:
+    """A tiny CBAM model trained for one epoch on the small synthetic set."""
+    out = tmp_path_factory.mktemp("train")
+    cfg = _compose(
+        "train",
+        ["model=tiny", "attention=cbam", "logger=none", "trainer.max_epochs=1", "test=false",
+         f"data.cache_dir={cache_dir}", *SMALL_DATA],
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return Path(train_stage.run(cfg)["best_checkpoint"])
+
+
+def _explain_cfg(out: Path, overrides: list[str]) -> DictConfig:
+    cfg = _compose("explain", ["logger=csv", *FAST_METRICS, *overrides])
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg
+
+
+def test_checkpoint_on_its_training_data_with_paper_methods(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    res = explain_stage.run(_explain_cfg(out, [f"ckpt={checkpoint}", "limit=12", "batch_size=8"]))
+    assert res["n_images"] == 12
+    assert res["methods"][:5] == [
+        "gradcam", "gradcampp", "smoothgradcampp", "xgradcam", "attention_guided",
+    ]  # fmt: skip
+    for name in ("metrics.json", "metrics.csv", "metrics.md", "manifest.json", "COMPLETE",
+                 "predictions.json", "figures/grid.png", "figures/curves.png",
+                 "figures/metrics.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    table = json.loads((out / "metrics.json").read_text())
+    assert table["protocol"]["mask_space"] == "pixel"
+    gradcam = table["methods"]["gradcam"]
+    for key in ("average_drop", "increase_in_confidence", "pointing_game", "deletion"):
+        r = gradcam[key]
+        assert r["n"] >= 1 and r["low"] <= r["value"] <= r["high"], key
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["checkpoint_sha256"] and manifest["layer"] == ["features.layer2"]
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert "average drop" in (out / "metrics.md").read_text()
+
+
+def test_all_methods_run_and_every_applicable_one_is_reported(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "all"
+    cfg = _explain_cfg(
+        out,
+        [f"ckpt={checkpoint}", "method=all", "limit=4", "batch_size=4", "metrics.enabled=[average_drop]",
+         "save_maps=true"],
+    )  # fmt: skip
+    res = explain_stage.run(cfg)
+    assert set(res["methods"]) == set(available_methods())  # tiny+CBAM supports every method
+    assert res["skipped_methods"] == []
+    maps = __import__("numpy").load(out / "maps.npz")
+    assert len(maps.files) == len(res["methods"])
+
+
+def test_inapplicable_methods_are_skipped_and_reported_or_strict(
+    tmp_path: Path, cache_dir: str
+) -> None:
+    # A plain VGG has no CBAM and no GAP -> FC head.
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 30), (40 * i, 90, 200)).save(images / f"{i}.png")
+    ckpt_free = [
+        f"images={images}",
+        "image_size=32",
+        "model=tiny",
+        "model.weights=" + _tiny_weights(tmp_path),
+    ]
+    res = explain_stage.run(
+        _explain_cfg(tmp_path / "a", [*ckpt_free, "method=[gradcam,attention_guided]"])
+    )
+    assert res["methods"] == ["gradcam"]
+    assert [s["method"] for s in res["skipped_methods"]] == ["attention_guided"]
+    assert "attention_guided" in (tmp_path / "a" / "metrics.md").read_text()
+    with pytest.raises(ValueError, match="CBAM|attention"):
+        explain_stage.run(
+            _explain_cfg(
+                tmp_path / "b", [*ckpt_free, "method=[attention_guided]", "strict_methods=true"]
+            )
+        )
+
+
+def _tiny_weights(tmp_path: Path) -> str:
+    """A local weights file for model=tiny (ImageNet-sized head), as model.weights=PATH takes."""
+    from attncam.models import AttentionNet
+
+    path = tmp_path / "tiny.pth"
+    torch.save(AttentionNet("tiny", 1000).state_dict(), path)
+    return str(path)
+
+
+def test_image_folder_skips_non_images_and_reports_them(tmp_path: Path) -> None:
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i, mode in enumerate(["RGB", "L", "RGBA"]):
+        Image.new(mode, (50, 40), 120).save(images / f"img{i}.png")
+    (images / "notes.txt").write_text("not an image")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "out"
+    cfg = _explain_cfg(
+        out,
+        [f"images={images}", "image_size=32", "model=tiny", "model.weights=" + _tiny_weights(tmp_path),
+         "method=gradcam"],
+    )  # fmt: skip
+    res = explain_stage.run(cfg)
+    assert res["n_images"] == 3
+    assert sorted(Path(p).name for p, _ in res["skipped_files"]) == ["broken.jpg", "notes.txt"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["skipped_files"]) == 2
+    preds = json.loads((out / "predictions.json").read_text())
+    assert len(preds) == 3 and len(preds[0]["top5_names"]) == 5
+
+
+def test_bad_inputs_fail_clearly_and_leave_nothing_claiming_completion(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    tiny = "model.weights=" + _tiny_weights(tmp_path)
+    cases = [
+        ([f"ckpt={tmp_path / 'missing.ckpt'}"], CheckpointError, "does not exist"),
+        (["images=" + str(tmp_path / "nothing_here" / "*.jpg"), "model=tiny", tiny], ValueError,
+         "matches no file"),
+        ([f"ckpt={checkpoint}", "method=[gradcam]", "data=synthetic", "data.num_classes=5",
+          "data.image_size=32"], ValueError, "classes"),
+        ([], ValueError, "nothing to explain"),
+    ]  # fmt: skip
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(checkpoint.read_bytes()[:1000])
+    cases.append(([f"ckpt={corrupt}"], CheckpointError, "not a readable torch checkpoint"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases.append(([f"images={empty}", "model=tiny", tiny], ValueError, "holds no files"))
+    for i, (overrides, err, match) in enumerate(cases):
+        out = tmp_path / f"case{i}"
+        with pytest.raises(err, match=match):
+            explain_stage.run(_explain_cfg(out, overrides))
+        assert not (out / "COMPLETE").exists() and not (out / "metrics.json").exists()
+
+
+def test_unknown_method_lists_the_choices(checkpoint: Path, tmp_path: Path) -> None:
+    cfg = _explain_cfg(tmp_path / "x", [f"ckpt={checkpoint}"])
+    with open_dict(cfg):
+        cfg.method = {"gradcam+": {"key": "gradcam+", "options": {}}}
+    with pytest.raises(ValueError, match="unknown method 'gradcam\\+'; choose one of: .*gradcam"):
+        explain_stage.run(cfg)
+
+
+def test_class_index_out_of_range(checkpoint: Path) -> None:
+    from attncam.explain import Explainer
+    from attncam.models.lit_module import load_classifier
+
+    net = load_classifier(str(checkpoint)).net
+    with pytest.raises(ValueError, match=r"out of range .*valid: 0\.\.7"):
+        Explainer(net, ["gradcam"])(torch.rand(2, 3, 32, 32), torch.tensor([1, 9]))
+
+
+def test_checkpoint_of_another_architecture(tmp_path: Path, checkpoint: Path) -> None:
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["hyper_parameters"]["attention"] = "se"  # the weights are CBAM's
+    other = tmp_path / "other.ckpt"
+    torch.save(ckpt, other)
+    with pytest.raises(CheckpointError, match="does not rebuild"):
+        explain_stage.run(_explain_cfg(tmp_path / "o", [f"ckpt={other}"]))
+
+
+def test_never_overwrites_a_finished_run(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "once"
+    cfg = _explain_cfg(out, [f"ckpt={checkpoint}", "limit=2", "method=gradcam"])
+    explain_stage.run(cfg)
+    before = (out / "metrics.json").read_bytes()
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        explain_stage.run(cfg)
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "explain.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_ddp_two_processes_give_the_single_process_table(checkpoint: Path, tmp_path: Path) -> None:
+    common = [f"ckpt={checkpoint}", "method=[gradcam,attention_guided]", "limit=8", "batch_size=2",
+              "logger=csv", *FAST_METRICS]  # fmt: skip
+    one = _cli([*common, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _cli(
+        [*common, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+         f"hydra.run.dir={tmp_path / 'two'}"],
+        tmp_path,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "metrics.json").read_text())["methods"]
+    b = json.loads((tmp_path / "two" / "metrics.json").read_text())["methods"]
+    assert a.keys() == b.keys()
+    for method in a:
+        for key, r in a[method].items():
+            if r["value"] is None:
+                assert b[method][key]["value"] is None
+                continue
+            assert b[method][key]["n"] == r["n"], (method, key)
+            assert b[method][key]["value"] == pytest.approx(r["value"], abs=1e-4), (method, key)
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
