@@ -21,8 +21,14 @@ install-test: .stamps/install-test
 	@$(PYTHON) scripts/ensure_deps.py --test
 	@touch $@
 
+# The main job on the built-in data: fine-tune, then explain the best checkpoint. Each demo writes
+# to its own folder outputs/demo/<time>/{train,explain}.
+DEMO_DIR ?= outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 demo: install
-	$(PYTHON) train.py experiment=demo
+	$(PYTHON) train.py experiment=demo hydra.run.dir=$(DEMO_DIR)/train
+	$(PYTHON) explain.py experiment=demo_explain ckpt=$(DEMO_DIR)/train/checkpoints/best.ckpt \
+		hydra.run.dir=$(DEMO_DIR)/explain
+	@echo "demo written to $(DEMO_DIR): train/results.json, explain/metrics.md, explain/figures/"
 
 test: install-test
 	$(PYTHON) -m pytest -q -p no:cacheprovider

@@ -255,3 +255,23 @@ def test_ddp_two_processes_give_the_single_process_table(checkpoint: Path, tmp_p
             assert b[method][key]["value"] == pytest.approx(r["value"], abs=1e-4), (method, key)
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"method={p.stem}" for p in sorted((CONF / "method").glob("*.yaml"))]
+    + [f"metrics={p.stem}" for p in sorted((CONF / "metrics").glob("*.yaml"))]
+    + ["experiment=demo_explain", "model=efficientnet_lite0", "data=imagenet", "trainer=ddp",
+       "method=[gradcam,xgradcam]"],
+)  # fmt: skip
+def test_every_explain_option_composes(override: str) -> None:
+    from omegaconf import OmegaConf
+
+    from attncam.explain import methods_from_config
+    from attncam.metrics import build_metrics
+
+    cfg = _compose("explain", [override])
+    specs = methods_from_config(OmegaConf.to_container(cfg.method, resolve=True))
+    assert specs and all(k in available_methods() for k, _ in specs)
+    protocol, metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True))
+    assert metrics and protocol.to_dict()["mask_space"] in ("pixel", "normalized")
