@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attncam.explain.hooks import INPUT_SUFFIX
 from attncam.explain.methods.base import (
     Method,
     Pass,
@@ -123,6 +124,90 @@ def methods_from_config(cfg: Mapping[str, Any]) -> list[tuple[str, dict[str, Any
     return specs
 
 
+OutputTransform = Callable[[Any], torch.Tensor]
+
+
+def check_layers(model: nn.Module, layers: Sequence[str]) -> None:
+    """Raise a ``ValueError`` listing the layers that exist when a named layer does not.
+
+    Names may end in ``":input"`` (that module's first input). The message lists the children of
+    the deepest part of the dotted name that exists, so a typo anywhere in the path is explained.
+    """
+    for name in layers:
+        dotted = name.removesuffix(INPUT_SUFFIX)
+        try:
+            model.get_submodule(dotted)
+            continue
+        except AttributeError:
+            pass
+        parts = dotted.split(".")
+        parent = ""
+        for i in range(len(parts) - 1, 0, -1):
+            try:
+                model.get_submodule(".".join(parts[:i]))
+            except AttributeError:
+                continue
+            parent = ".".join(parts[:i])
+            break
+        prefix = f"{parent}." if parent else ""
+        children = [f"{prefix}{n}" for n, _ in model.get_submodule(parent).named_children()]
+        total = sum(1 for n, _ in model.named_modules() if n)
+        where = f"under {parent!r}" if parent else "at the top level"
+        shown = ", ".join(children[:30]) + (", ..." if len(children) > 30 else "")
+        raise ValueError(
+            f"unknown layer {dotted!r} in {type(model).__name__}; layers {where}: {shown} "
+            f"({total} layers in all: [n for n, _ in model.named_modules()] lists them)"
+        )
+
+
+class _Logits(nn.Module):
+    """The model seen through ``output_transform``: forwards return checked logits ``(B, N)``.
+
+    Attributes, ``get_submodule`` and ``named_modules`` are the wrapped model's, so dotted layer
+    names and model attributes (``cam_layer``, ...) read the same through the wrapper.
+    """
+
+    def __init__(self, model: nn.Module, transform: OutputTransform | None) -> None:
+        super().__init__()
+        self.inner = model
+        self.transform = transform
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x``; a non-tensor or non-2D output is a clear error."""
+        out = self.inner(x)
+        if self.transform is not None:
+            out = self.transform(out)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            got = (
+                f"a tensor of shape {tuple(out.shape)}"
+                if isinstance(out, torch.Tensor)
+                else f"a {type(out).__name__}"
+                + (f" with keys {sorted(map(str, out))}" if isinstance(out, Mapping) else "")
+            )
+            how = (
+                "output_transform returned" if self.transform is not None else "the model returned"
+            )
+            raise TypeError(
+                f"{how} {got}, not logits (B, N); pass Explainer(..., output_transform=fn) with fn "
+                "picking the logits, e.g. lambda out: out[0] or lambda out: out['logits']"
+            )
+        return out
+
+    def get_submodule(self, target: str) -> nn.Module:
+        """The wrapped model's submodule (names are unchanged by the wrapper)."""
+        return self.inner.get_submodule(target)
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
+        """The wrapped model's modules, named as in the wrapped model."""
+        return self.inner.named_modules(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
 @contextmanager
 def explaining(model: nn.Module) -> Iterator[None]:
     """Eval mode and frozen parameters for the duration; both restored exactly on any exit."""
@@ -162,7 +247,13 @@ class Explainer:
         channels_last: give the model its input in channels-last memory layout (same values;
             oneDNN convolutions run about 1.4x faster on CPU, measured in
             ``benchmarks/explain.md``); False keeps the caller's layout.
+        output_transform: maps the model's output to logits ``(B, N)`` for a model that returns a
+            tuple or a dict (e.g. ``lambda out: out["logits"]``); None expects logits, and any other
+            output is a ``TypeError`` naming what came back.
         **options: options given to every method that has them, e.g. ``counterfactual=True``.
+
+    Raises:
+        ValueError: an unknown method, option or layer (listing the valid choices).
     """
 
     def __init__(
@@ -175,11 +266,14 @@ class Explainer:
         broadcast: bool = False,
         upsample: bool = True,
         channels_last: bool = True,
+        output_transform: OutputTransform | None = None,
         **options: Any,
     ) -> None:
         self.model = model
         self.methods = parse_methods(methods, options)
         self.layers = default_layers(model, layer)
+        check_layers(model, self.layers)
+        self.output_transform = output_transform
         self.reshape_transform = reshape_transform
         self.broadcast = broadcast
         self.upsample = upsample
@@ -246,6 +340,13 @@ class Explainer:
         images = images.detach()
         if not images.is_floating_point():
             raise ValueError(f"images must be floating point, got {images.dtype}")
+        finite = torch.isfinite(images.flatten(1)).all(1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise ValueError(
+                f"images {bad[:10]} of the batch hold NaN or inf values; maps of them would be "
+                "meaningless (check the data pipeline)"
+            )
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         b = images.shape[0]
@@ -263,9 +364,10 @@ class Explainer:
                 )
             return given
 
+        model = _Logits(self.model, self.output_transform)
         with explaining(self.model), torch.inference_mode(False):
             logits, t, acts, grads = forward_backward(
-                self.model,
+                model,
                 images,
                 self.grad_sites,
                 self.record_sites,
@@ -274,7 +376,7 @@ class Explainer:
                 set(self.layers),
             )
             p = Pass(
-                model=self.model,
+                model=model,
                 images=images,
                 targets=t,
                 logits=logits,
@@ -294,4 +396,11 @@ class Explainer:
         return f"Explainer(methods={self.names}, layers={self.layers})"
 
 
-__all__ = ["Explainer", "Explanation", "explaining", "methods_from_config", "parse_methods"]
+__all__ = [
+    "Explainer",
+    "Explanation",
+    "check_layers",
+    "explaining",
+    "methods_from_config",
+    "parse_methods",
+]

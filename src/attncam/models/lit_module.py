@@ -274,16 +274,31 @@ class FreezePretrained(BaseFinetuning):
             log.info("epoch %d: pretrained parameters unfrozen", epoch)
 
 
-def load_classifier(
+# Hyperparameters that decide the network's shape: a checkpoint resumed or loaded under other
+# values cannot hold the right weights. The rest (optimiser, schedule) may change on resume.
+ARCHITECTURE_HPARAMS = (
+    "backbone",
+    "num_classes",
+    "attention",
+    "placement",
+    "reduction",
+    "kernel_size",
+)
+
+
+def read_checkpoint(
     path: str, trust_checkpoint: bool = False, map_location: str = "cpu"
-) -> ClassifierModule:
-    """Rebuild a :class:`ClassifierModule` from a checkpoint, with no Hydra and no download.
+) -> dict[str, Any]:
+    """Load an attncam training checkpoint as a dict, weights-only unless trusted.
 
     Args:
         path: a checkpoint written by ``train.py``.
         trust_checkpoint: allow arbitrary pickled objects (only for files you trust: unpickling
             can execute code). By default only tensors and plain values are loaded.
         map_location: device to load onto.
+
+    Returns:
+        The checkpoint, with at least ``state_dict`` and ``hyper_parameters``.
 
     Raises:
         CheckpointError: missing, corrupt, unsafe or not an attncam checkpoint.
@@ -319,6 +334,57 @@ def load_classifier(
             f"checkpoint {str(path)!r} is not an attncam training checkpoint (expected the keys "
             "'state_dict' and 'hyper_parameters')"
         )
+    saved = ckpt.get("attncam_version")
+    if saved != __version__:
+        log.warning(
+            "checkpoint %s was written by attncam %s, loading with %s: if the network does not "
+            "match, retrain or install that version",
+            path,
+            saved or "(unknown version)",
+            __version__,
+        )
+    return ckpt
+
+
+def check_hparams(saved: Any, expected: Any, path: str) -> None:
+    """Raise when a checkpoint's network hyperparameters differ from the ones expected.
+
+    Args:
+        saved: the checkpoint's ``hyper_parameters``.
+        expected: the hyperparameters of the module it is loaded into.
+        path: the checkpoint, for the message.
+
+    Raises:
+        CheckpointError: naming every differing key with both values.
+    """
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r}, config {expected.get(k)!r}"
+        for k in ARCHITECTURE_HPARAMS
+        if k in expected and saved.get(k) != expected.get(k)
+    ]
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds another network than the config describes ("
+            + "; ".join(diff)
+            + "): set the config to the checkpoint's values or start a new run"
+        )
+
+
+def load_classifier(
+    path: str, trust_checkpoint: bool = False, map_location: str = "cpu"
+) -> ClassifierModule:
+    """Rebuild a :class:`ClassifierModule` from a checkpoint, with no Hydra and no download.
+
+    Args:
+        path: a checkpoint written by ``train.py``.
+        trust_checkpoint: allow arbitrary pickled objects (only for files you trust: unpickling
+            can execute code). By default only tensors and plain values are loaded.
+        map_location: device to load onto.
+
+    Raises:
+        CheckpointError: missing, corrupt, unsafe or not an attncam checkpoint.
+    """
+    ckpt = read_checkpoint(path, trust_checkpoint, map_location)
     hp = dict(ckpt["hyper_parameters"])
     hp.update(pretrained=False, weights=None)
     saved = ckpt.get("attncam_version")

@@ -19,7 +19,12 @@ from lightning.pytorch.callbacks import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from attncam.models.lit_module import ClassifierModule, FreezePretrained
+from attncam.models.lit_module import (
+    ClassifierModule,
+    FreezePretrained,
+    check_hparams,
+    read_checkpoint,
+)
 from attncam.stages.common import AtomicCheckpointIO, build_loggers, output_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,41 @@ def build_module(cfg: DictConfig, num_classes: int) -> ClassifierModule:
     )
 
 
+class EpochSeed(Callback):
+    """Seed each training epoch from ``(seed, epoch)`` alone, so a resumed run replays it exactly.
+
+    Lightning restores weights, optimiser, schedule and loop state from a checkpoint, but not the
+    random state: without this, epoch ``k`` after a resume would see another shuffling order and
+    other augmentations than epoch ``k`` of an uninterrupted run. At the start of every epoch the
+    global RNGs (augmentation) and the train loader's ``RandomSampler`` (a fresh generator, apart
+    from the loader's own, which the DataLoader also draws from when it builds an iterator) are
+    seeded from ``seed`` and the epoch. A ``DistributedSampler`` is left alone: Lightning already
+    calls its ``set_epoch``.
+
+    Args:
+        seed: the run's seed.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def epoch_seed(self, epoch: int) -> int:
+        """The seed of one epoch."""
+        return (self.seed * 1_000_003 + 7919 * (epoch + 1)) % (2**63 - 1)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Reseed the RNGs and the train sampler for ``trainer.current_epoch``."""
+        from lightning.fabric.utilities.seed import seed_everything
+
+        seed = self.epoch_seed(trainer.current_epoch)
+        seed_everything(seed, workers=True, verbose=False)
+        loaders = trainer.train_dataloader
+        for loader in loaders.values() if isinstance(loaders, dict) else [loaders]:
+            sampler = getattr(loader, "sampler", None)
+            if isinstance(sampler, torch.utils.data.RandomSampler):
+                sampler.generator = torch.Generator().manual_seed(seed)
+
+
 def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[Callback]:
     """Checkpointing (best and last), learning-rate monitor, progress bar, optional freezing."""
     c = cfg.get("callbacks") or {}
@@ -67,6 +107,7 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[Callback]:
             enable_version_counter=False,
         ),
         TQDMProgressBar(refresh_rate=c.get("progress_refresh", 10)),
+        EpochSeed(int(cfg.get("seed", 0))),
     ]
     if cfg.get("logger") and any(cfg.logger.get(k) for k in ("wandb", "csv")):
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
@@ -112,11 +153,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_json_atomic(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
 
     resume = cfg.get("resume")
+    trust = bool(cfg.get("trust_checkpoint", False))
     if resume == "last":
         last = ckpt_dir / "last.ckpt"
         resume = str(last) if last.is_file() else None
+        if resume is None:
+            log.info("resume=last: no %s yet, starting from scratch", last)
+    if resume:
+        # Fail before fitting, with the reason: unsafe, corrupt, or another network.
+        saved = read_checkpoint(str(resume), trust_checkpoint=trust)
+        check_hparams(saved["hyper_parameters"], module.hparams, str(resume))
+        del saved
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=not trust)
     fit_seconds = time.perf_counter() - start
 
     results: dict[str, Any] = {
