@@ -1,0 +1,131 @@
+"""GPU options checked on CPU (channels-last, torch.compile, bf16-mixed) and the fused CBAM path.
+
+The fused CBAM training path (``CBAM._forward_fused``) must give the outputs and gradients of the
+straightforward eq. 1 (``CBAM.forward_reference``), which stays the path for eval, autocast and
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from attncam.models.attention import CBAM, SpatialGate
+from attncam.models.lit_module import ClassifierModule
+from attncam.models.net import AttentionNet
+
+
+def _reference_cbam(cbam: CBAM, x: torch.Tensor) -> torch.Tensor:
+    """CBAM written out from the paper, independent of the module's code paths."""
+    mlp = cbam.channel_gate.mlp
+    mc = torch.sigmoid(mlp(x.mean((2, 3))) + mlp(x.amax((2, 3))))[..., None, None]
+    f1 = mc * x
+    pooled = torch.cat([f1.amax(1, keepdim=True), f1.mean(1, keepdim=True)], 1)
+    sg = cbam.spatial_gate
+    return torch.sigmoid(sg.bn(sg.conv(pooled))) * f1
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(4, 32, 9, 7), (3, 64, 1, 1), (2, 16, 5, 5)])
+def test_fused_cbam_matches_reference(shape: tuple[int, ...], channels_last: bool) -> None:
+    torch.manual_seed(0)
+    cbam = CBAM(shape[1], reduction=4).double().train()
+    nn.init.normal_(cbam.spatial_gate.bn.weight)
+    x = torch.randn(shape, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(shape, dtype=torch.float64)
+    results = []
+    for fn in (cbam, lambda t: _reference_cbam(cbam, t)):
+        xx = x.clone().requires_grad_()
+        cbam.zero_grad()
+        y = fn(xx)
+        y.backward(g)
+        results.append((y.detach(), xx.grad, [p.grad.clone() for p in cbam.parameters()]))
+    (y1, gx1, gp1), (y2, gx2, gp2) = results
+    assert torch.allclose(y1, y2, atol=1e-12)
+    assert torch.allclose(gx1, gx2, atol=1e-12)
+    for a, b in zip(gp1, gp2):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_fused_cbam_taps_and_partial_gradients() -> None:
+    torch.manual_seed(0)
+    cbam = CBAM(16, reduction=4).train()
+    nn.init.normal_(cbam.spatial_gate.bn.weight)
+    seen: dict[str, torch.Tensor] = {}
+    for key, tap in (("mc", cbam.channel_gate.tap), ("ms", cbam.spatial_gate.tap)):
+        tap.register_forward_hook(lambda _m, _i, o, key=key: seen.__setitem__(key, o))
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    y = cbam(x)
+    assert seen["mc"].shape == (2, 16, 1, 1) and seen["ms"].shape == (2, 1, 6, 6)
+    # A pass that stops at M_s leaves no stale buffer for the full pass that follows.
+    (g_ms,) = torch.autograd.grad(y.sum(), seen["ms"], retain_graph=True)
+    assert torch.allclose(g_ms, (x * seen["mc"]).sum(1, keepdim=True).detach(), atol=1e-5)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    xr = x.detach().clone().requires_grad_()
+    (gr,) = torch.autograd.grad(_reference_cbam(cbam, xr).sum(), xr)
+    assert torch.allclose(gx, gr, atol=1e-5)
+
+
+def test_eval_and_no_grad_use_the_reference_path() -> None:
+    cbam = CBAM(8, reduction=2)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(cbam(x), cbam.forward_reference(x))
+    cbam.eval()
+    assert torch.equal(cbam(x), cbam.forward_reference(x))
+    assert isinstance(cbam.spatial_gate, SpatialGate)
+
+
+def test_channels_last_same_logits_and_training_step() -> None:
+    torch.manual_seed(0)
+    a = ClassifierModule("tiny", 4, attention="cbam", pretrained=False)
+    b = ClassifierModule("tiny", 4, attention="cbam", pretrained=False, channels_last=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(3, 3, 32, 32)
+    a.eval(), b.eval()
+    assert torch.allclose(a(x), b(b._inputs(x)), atol=1e-5)
+    b.train()
+    loss = b.training_step((x, torch.tensor([0, 1, 2])), 0)
+    loss.backward()
+    assert all(p.grad is not None for p in b.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="no C++")
+def test_compile_gives_same_logits() -> None:
+    torch.manual_seed(0)
+    net = AttentionNet("tiny", 4, "cbam").eval()
+    x = torch.rand(2, 3, 32, 32)
+    eager = net(x)
+    compiled = torch.compile(net)
+    assert torch.allclose(compiled(x), eager, atol=1e-4, rtol=1e-4)
+    net.train()
+    out = compiled(x)  # training mode: compile takes the reference CBAM path
+    out.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_bf16_mixed_precision_runs_a_step(tmp_path) -> None:
+    torch.manual_seed(0)
+    module = ClassifierModule("tiny", 4, attention="cbam", pretrained=False, log_images=0)
+    data = torch.utils.data.TensorDataset(torch.rand(8, 3, 32, 32), torch.randint(0, 4, (8,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        fast_dev_run=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    changed = [not torch.equal(a, p) for a, p in zip(before, module.parameters())]
+    assert any(changed)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
