@@ -63,10 +63,11 @@ class EpochSeed(Callback):
     Lightning restores weights, optimiser, schedule and loop state from a checkpoint, but not the
     random state: without this, epoch ``k`` after a resume would see another shuffling order and
     other augmentations than epoch ``k`` of an uninterrupted run. At the start of every epoch the
-    global RNGs (augmentation) and the train loader's ``RandomSampler`` (a fresh generator, apart
-    from the loader's own, which the DataLoader also draws from when it builds an iterator) are
-    seeded from ``seed`` and the epoch. A ``DistributedSampler`` is left alone: Lightning already
-    calls its ``set_epoch``.
+    global RNGs (augmentation) are seeded from ``(seed, epoch)``, and the train loader's
+    ``RandomSampler`` gets a fresh generator seeded with ``seed + epoch`` (apart from the loader's
+    own generator, which the DataLoader also draws from whenever it builds an iterator). That is
+    the permutation a ``DistributedSampler`` draws under DDP (Lightning seeds it with the run's seed
+    and calls its ``set_epoch``), so one process and several see the same global batches.
 
     Args:
         seed: the run's seed.
@@ -75,21 +76,22 @@ class EpochSeed(Callback):
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
 
-    def epoch_seed(self, epoch: int) -> int:
-        """The seed of one epoch."""
-        return (self.seed * 1_000_003 + 7919 * (epoch + 1)) % (2**63 - 1)
-
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Reseed the RNGs and the train sampler for ``trainer.current_epoch``."""
-        from lightning.fabric.utilities.seed import seed_everything
+        import random
 
-        seed = self.epoch_seed(trainer.current_epoch)
-        seed_everything(seed, workers=True, verbose=False)
+        import numpy as np
+
+        epoch = trainer.current_epoch
+        mixed = (self.seed * 1_000_003 + 7919 * (epoch + 1)) % 2**32
+        random.seed(mixed)
+        np.random.seed(mixed)
+        torch.manual_seed(mixed)
         loaders = trainer.train_dataloader
         for loader in loaders.values() if isinstance(loaders, dict) else [loaders]:
             sampler = getattr(loader, "sampler", None)
             if isinstance(sampler, torch.utils.data.RandomSampler):
-                sampler.generator = torch.Generator().manual_seed(seed)
+                sampler.generator = torch.Generator().manual_seed(self.seed + epoch)
 
 
 def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[Callback]:
