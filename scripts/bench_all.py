@@ -1,0 +1,154 @@
+"""``make bench``: run every benchmark script, then rewrite ``benchmarks/RESULTS.md``.
+
+    python scripts/bench_all.py                 # explain, metrics and training benchmarks
+    python scripts/bench_all.py --only train    # one script; the others' last reports are reused
+    python scripts/bench_all.py --report-only   # rewrite RESULTS.md from the existing reports
+
+Each script writes its own report (``benchmarks/explain.md``, ``metrics.md``, ``train.md``);
+RESULTS.md collects their tables with the machine, the library versions and the exact commands.
+The budget is 30 minutes on an idle 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+SCRIPTS: dict[str, tuple[list[str], str]] = {
+    "explain": (["scripts/bench_explain.py"], "explain.md"),
+    "metrics": (["scripts/bench_metrics.py"], "metrics.md"),
+    "train": (["scripts/bench_train.py"], "train.md"),
+}
+
+
+def _machine() -> list[str]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    libs = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for name in (
+        "torchvision",
+        "lightning",
+        "torchmetrics",
+        "timm",
+        "torchcam",
+        "pytorch_grad_cam",
+    ):
+        try:
+            mod = __import__(name)
+            libs.append(f"{name} {getattr(mod, '__version__', '?')}")
+        except ImportError:
+            pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return [
+        f"- CPU: {cpu}, {os.cpu_count()} cores; torch threads {torch.get_num_threads()}; GPU: {gpu}",
+        f"- OS: {platform.platform()}",
+        f"- Libraries: {', '.join(libs)}",
+    ]
+
+
+def _tables(md: str) -> list[str]:
+    """The markdown tables of a report, with the headings above them."""
+    out, last_heading = [], ""
+    for line in md.splitlines():
+        if line.startswith("#"):
+            last_heading = line
+        elif line.startswith("|"):
+            if last_heading:
+                out += ["", "#" + last_heading.lstrip().replace("# ", "## ", 1)]
+                last_heading = ""
+            out.append(line)
+    return out
+
+
+def write_results(ran: dict[str, dict[str, object]]) -> Path:
+    """Rewrite ``benchmarks/RESULTS.md`` from the scripts' reports."""
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Rewritten by `make bench` (`python scripts/bench_all.py`) on "
+        f"{time.strftime('%Y-%m-%d %H:%M')}. Every figure is a ratio measured side by side in "
+        "one run (the compared things alternate), each the median of several repetitions; the "
+        "per-script reports hold the details and profiles.",
+        "",
+        "## Machine",
+        "",
+        *_machine(),
+        "",
+        "## Commands",
+        "",
+    ]
+    for key, (cmd, report) in SCRIPTS.items():
+        info = ran.get(key)
+        note = (
+            f"ran in {info['seconds']:.0f} s, exit {info['rc']}"
+            if info
+            else "not run this time: last report reused"
+        )
+        lines.append(f"- `python {' '.join(cmd)}` -> `benchmarks/{report}` ({note})")
+    train_json = BENCH / "train.json"
+    if train_json.is_file():
+        res = json.loads(train_json.read_text())
+        lines += [
+            "",
+            "## Training targets (issue 8)",
+            "",
+            f"From `{res['command']}` ({res['date']}, load average before/after "
+            f"{res['load_before']} / {res['load_after']}).",
+            "",
+            "| target | goal | measured | status |",
+            "|---|---|---|---|",
+        ]
+        for t in res["targets"]:
+            lines.append(f"| {t['target']} | {t['goal']} | {t['value']:.3f}x | {t['status']} |")
+        lines += ["", "Details, the CBAM profile and the growth table: `benchmarks/train.md`."]
+    for key, (_cmd, report) in SCRIPTS.items():
+        path = BENCH / report
+        if key == "train" or not path.is_file():
+            continue
+        lines += ["", f"## {key.capitalize()} (from `benchmarks/{report}`)"]
+        lines += _tables(path.read_text())
+    out = BENCH / "RESULTS.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main() -> None:
+    """Run the selected scripts in sequence and rewrite RESULTS.md."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--only", nargs="*", choices=list(SCRIPTS), default=list(SCRIPTS))
+    ap.add_argument("--quick", action="store_true", help="pass --quick to every script")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    ran: dict[str, dict[str, object]] = {}
+    if not args.report_only:
+        for key in args.only:
+            cmd = [sys.executable, *SCRIPTS[key][0], *(["--quick"] if args.quick else [])]
+            print(f"== {' '.join(cmd[1:])}", flush=True)
+            t0 = time.perf_counter()
+            rc = subprocess.run(cmd, cwd=ROOT).returncode
+            ran[key] = {"seconds": time.perf_counter() - t0, "rc": rc}
+            if rc != 0:
+                print(f"!! {key} benchmark failed with exit {rc}", flush=True)
+    print(f"wrote {write_results(ran)}")
+    if any(r["rc"] for r in ran.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
