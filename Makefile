@@ -36,6 +36,10 @@ test: install-test
 test-slow: install-test
 	$(PYTHON) -m pytest -q -m slow
 
+# Explanation, metrics and training benchmarks, side by side in one run -> benchmarks/RESULTS.md.
+bench: install-test
+	$(PYTHON) scripts/bench_all.py
+
 lint: install-test
 	$(PYTHON) -m ruff check src tests scripts
 	$(PYTHON) -m ruff format --check src tests scripts

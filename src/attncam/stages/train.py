@@ -140,7 +140,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     num_classes = int(datamodule.num_classes)
     module = build_module(cfg, num_classes)
     if cfg.model.get("compile", False):
-        module.net = torch.compile(module.net)  # type: ignore[assignment]
+        module.net.compile()  # in place: checkpoint keys keep their names (no _orig_mod.)
 
     ckpt_dir = out / "checkpoints"
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
