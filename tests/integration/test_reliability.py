@@ -1,0 +1,299 @@
+"""Reliability of the stages (issue 7): resume, interruption, sweeps, bad files, seeds, DDP.
+
+See docs/RELIABILITY.md for the table of guarantees and the tests that prove them. Long tests
+(real subprocess trainings killed with signals, DDP training) are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from attncam.models.lit_module import CheckpointError, load_classifier
+from attncam.stages import explain as explain_stage
+from attncam.stages import train as train_stage
+from tests.unit.test_reliability_checkpoints import Note
+from tests.unit.test_reliability_images import BAD, GOOD, write_bad_images
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+SMALL_DATA = [
+    "data.image_size=32",
+    "data.num_train=64",
+    "data.num_val=32",
+    "data.num_test=32",
+    "data.batch_size=16",
+]
+FAST_METRICS = ["metrics=fast", "metrics.num_resamples=50", "metrics.protocol.steps=4"]
+
+
+def _compose(name: str, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def _train_cfg(out: Path, cache_dir: str, extra: list[str]) -> DictConfig:
+    cfg = _compose(
+        "train",
+        ["model=tiny", "attention=cbam", "logger=none", "threads=1",
+         f"data.cache_dir={cache_dir}", *SMALL_DATA, *extra],
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg
+
+
+def _run_train(cfg: DictConfig) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    try:
+        return train_stage.run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> dict[str, Any]:
+    """One epoch of tiny CBAM on the small synthetic set (no test split)."""
+    out = tmp_path_factory.mktemp("trained")
+    return _run_train(_train_cfg(out, cache_dir, ["trainer.max_epochs=1", "test=false"]))
+
+
+def _floats(results: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in results.items() if isinstance(v, float) and k != "fit_seconds"}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_resume_is_weights_only_checks_the_network_and_trust_is_explicit(
+    trained: dict[str, Any], tmp_path: Path, cache_dir: str
+) -> None:
+    last = Path(trained["last_checkpoint"])
+    ckpt = torch.load(last, weights_only=True)
+    noted = tmp_path / "noted.ckpt"
+    torch.save({**ckpt, "note": Note("pickled object")}, noted)
+
+    def resume(path: Path, extra: list[str]) -> dict[str, Any]:
+        cfg = _train_cfg(
+            tmp_path / f"run{len(list(tmp_path.iterdir()))}",
+            cache_dir,
+            ["trainer.max_epochs=2", "test=false", f"resume={path}", *extra],
+        )
+        return _run_train(cfg)
+
+    with pytest.raises(
+        CheckpointError, match="refused by the weights-only loader.*trust_checkpoint"
+    ):
+        resume(noted, [])
+    with pytest.raises(CheckpointError, match="attention: checkpoint 'cbam', config 'se'"):
+        resume(last, ["attention=se"])
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resume(tmp_path / "missing.ckpt", [])
+    assert resume(noted, ["trust_checkpoint=true"])["epochs"] == 2
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_explain_images_path_decodes_odd_modes_and_skips_broken_files(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    write_bad_images(tmp_path / "photos")
+    cfg = _compose(
+        "explain",
+        ["logger=none", *FAST_METRICS, f"ckpt={trained['best_checkpoint']}", "method=[gradcam]",
+         f"images={tmp_path / 'photos'}", "image_size=32"],
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "explain")
+    res = explain_stage.run(cfg)
+    assert res["n_images"] == len(GOOD)
+    assert sorted(Path(p).name for p, _ in res["skipped_files"]) == sorted(BAD)
+    manifest = json.loads((tmp_path / "explain" / "manifest.json").read_text())
+    assert len(manifest["skipped_files"]) == len(BAD)
+    assert (tmp_path / "explain" / "COMPLETE").is_file()
+
+
+# --------------------------------------------------------------------------- interruption
+
+
+class _Stop(BaseException):
+    """Stands in for a KeyboardInterrupt or a scheduler's signal at an awkward moment."""
+
+
+@pytest.mark.parametrize("where", ["test_step", "write_figures"])
+def test_interrupted_explain_leaves_no_file_claiming_completion(
+    trained: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    calls = {"n": 0}
+    if where == "test_step":
+        real = explain_stage.ExplainModule.test_step
+
+        def step(self: Any, batch: Any, batch_idx: int) -> None:
+            calls["n"] += 1
+            if batch_idx == 1:
+                raise _Stop("interrupted after one batch")
+            real(self, batch, batch_idx)
+
+        monkeypatch.setattr(explain_stage.ExplainModule, "test_step", step)
+    else:
+
+        def figures(*_a: Any, **_k: Any) -> list[Path]:
+            raise _Stop("interrupted while drawing")
+
+        monkeypatch.setattr(explain_stage, "write_figures", figures)
+    out = tmp_path / "explain"
+    cfg = _compose(
+        "explain",
+        ["logger=none", *FAST_METRICS, f"ckpt={trained['best_checkpoint']}", "method=[gradcam]",
+         "limit=8", "batch_size=4"],
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    with pytest.raises((_Stop, SystemExit)):
+        explain_stage.run(cfg)
+    assert not (out / "COMPLETE").exists() and not (out / "manifest.json").exists()
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp*"))
+    if where == "test_step":
+        assert calls["n"] == 2 and not (out / "metrics.json").exists()
+
+
+def test_multirun_with_a_failing_job_keeps_the_other_jobs_results(
+    tmp_path: Path, cache_dir: str
+) -> None:
+    args = ["-m", "model=tiny", "model.attention=none,cbm,se", "trainer.fast_dev_run=true",
+            "logger=none", f"data.cache_dir={cache_dir}", *SMALL_DATA]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    # Hydra's basic launcher runs every job of the sweep, then reports the first failure.
+    assert proc.returncode != 0
+    assert "unknown attention 'cbm'" in proc.stderr
+    jobs = {p.parent.name: p for p in tmp_path.glob("multirun/train/*/*/*/results.json")}
+    assert sorted(jobs) == ["0", "2"], proc.stderr[-3000:]
+    assert {json.loads(p.read_text())["attention"] for p in jobs.values()} == {"none", "se"}
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_data_same_training_bit_for_bit(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from attncam.data.datamodule import SyntheticDataModule
+
+    splits = []
+    for i in range(2):  # two fresh caches: the data are generated twice
+        dm = SyntheticDataModule(image_size=32, num_train=48, num_val=16, num_test=16,
+                                 cache_dir=tmp_path / f"cache{i}", seed=3)  # fmt: skip
+        splits.append(dm.split_data("train"))
+    assert torch.equal(splits[0].images, splits[1].images)
+    assert torch.equal(splits[0].labels, splits[1].labels)
+    assert torch.equal(splits[0].masks, splits[1].masks)
+
+    cache = str(tmp_path_factory.mktemp("det_cache"))
+    runs = [
+        _run_train(_train_cfg(tmp_path / f"run{i}", cache, ["trainer.max_epochs=2"]))
+        for i in range(2)
+    ]
+    assert _floats(runs[0]) == _floats(runs[1])
+    a, b = (torch.load(r["last_checkpoint"], weights_only=True)["state_dict"] for r in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- slow
+
+
+def _kill_and_resume(signal_name: str, out: Path, cache_dir: str) -> dict[str, Any]:
+    overrides = ["model=tiny", "attention=cbam", "logger=none", "threads=1",
+                 f"data.cache_dir={cache_dir}", "data.image_size=32", "data.num_train=256",
+                 "data.num_val=32", "data.num_test=32", "data.batch_size=16",
+                 "trainer.max_epochs=3"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "_kill_during_training.py"),
+         "--signal", signal_name, "--out", str(out), "--", *overrides],
+        capture_output=True, text=True, timeout=1500,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["TERM", "KILL"])
+def test_killed_training_resumes_to_the_same_final_metrics(
+    signal_name: str, tmp_path: Path, cache_dir: str
+) -> None:
+    res = _kill_and_resume(signal_name, tmp_path, cache_dir)
+    kill = res["kill"]
+    assert kill["killed_while_running"], kill["log_tail"]
+    assert kill["returncode"] != 0
+    assert res["reference_rc"] == 0 and res["resumed_rc"] == 0, res["resumed_log_tail"]
+    ref, resumed = res["reference"], res["resumed"]
+    assert resumed["epochs"] == ref["epochs"] == 3
+    assert _floats(resumed) == _floats(ref)
+    a = torch.load(ref["last_checkpoint"], weights_only=True)["state_dict"]
+    b = torch.load(resumed["last_checkpoint"], weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "interrupted" / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_and_evaluate_like_one(tmp_path: Path, cache_dir: str) -> None:
+    common = ["model=tiny", "attention=cbam", "logger=none", "threads=1",
+              f"data.cache_dir={cache_dir}", "data.image_size=32", "data.num_train=64",
+              "data.num_val=32", "data.num_test=32", "data.augment=false",
+              "trainer.max_epochs=2"]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
+
+    def cli(extra: list[str], name: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *common, *extra,
+             f"hydra.run.dir={tmp_path / name}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    # Same global batch (16 = 1 x 16 = 2 x 8) and the same global order: the single process's
+    # sampler draws the permutation DistributedSampler draws (seed + epoch).
+    one = cli(["data.batch_size=16"], "one")
+    two = cli(["data.batch_size=8", "trainer=ddp", "trainer.devices=2",
+               "trainer.accelerator=cpu", "trainer.max_epochs=2"], "two")  # fmt: skip
+
+    # Evaluation is exact: the DDP-logged test metrics equal one process evaluating the same
+    # checkpoint (DistributedSampler shards, torchmetrics sync).
+    import lightning as L
+
+    from attncam.data.datamodule import SyntheticDataModule
+
+    module = load_classifier(two["best_checkpoint"])
+    dm = SyntheticDataModule(image_size=32, num_train=64, num_val=32, num_test=32,
+                             batch_size=16, cache_dir=cache_dir, augment=False)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    single = trainer.test(module, datamodule=dm, verbose=False)[0]
+    assert single["test/acc"] == two["test/acc"]
+    assert single["test/top5_acc"] == two["test/top5_acc"]
+    assert single["test/loss"] == pytest.approx(two["test/loss"], abs=1e-5)
+
+    # Training agrees up to BatchNorm: each process normalises with its own 8 images
+    # (SyncBatchNorm needs a GPU), so losses differ slightly; accuracy on these sizes matches.
+    for key in ("train/loss", "val/loss", "test/loss"):
+        assert two[key] == pytest.approx(one[key], abs=0.05), key
+    for key in ("train/acc", "val/acc", "test/acc"):
+        assert two[key] == pytest.approx(one[key], abs=0.1), key
+    shutil.rmtree(tmp_path / "two" / "checkpoints", ignore_errors=True)
