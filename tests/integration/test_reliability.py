@@ -104,6 +104,41 @@ def test_resume_is_weights_only_checks_the_network_and_trust_is_explicit(
     assert resume(noted, ["trust_checkpoint=true"])["epochs"] == 2
 
 
+def test_sigterm_exits_nonzero_and_resume_last_replays_the_run_exactly(
+    tmp_path: Path, cache_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    from lightning.pytorch.callbacks import Callback
+
+    class SigtermAfterFirstEpoch(Callback):
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            if trainer.current_epoch == 0:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler stops at the next batch
+
+    extra = ["trainer.max_epochs=3", "test=false"]
+    reference = _run_train(_train_cfg(tmp_path / "reference", cache_dir, extra))
+    build = train_stage.build_callbacks
+    monkeypatch.setattr(
+        train_stage, "build_callbacks", lambda *a: [*build(*a), SigtermAfterFirstEpoch()]
+    )
+    cfg = _train_cfg(tmp_path / "interrupted", cache_dir, extra)
+    with pytest.raises(SystemExit) as stopped:
+        _run_train(cfg)
+    assert stopped.value.code == 128 + signal.SIGTERM  # not 0: a scheduler sees a killed job
+    last = tmp_path / "interrupted" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    assert not (tmp_path / "interrupted" / "results.json").exists()
+    monkeypatch.setattr(train_stage, "build_callbacks", build)
+    with open_dict(cfg):
+        cfg.resume = "last"
+    resumed = _run_train(cfg)
+    assert resumed["epochs"] == 3 and _floats(resumed) == _floats(reference)
+    a = torch.load(reference["last_checkpoint"], weights_only=True)["state_dict"]
+    b = torch.load(resumed["last_checkpoint"], weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -133,18 +168,20 @@ class _Stop(BaseException):
     """Stands in for a KeyboardInterrupt or a scheduler's signal at an awkward moment."""
 
 
-@pytest.mark.parametrize("where", ["test_step", "write_figures"])
+@pytest.mark.parametrize("where", ["test_step", "sigterm", "write_figures"])
 def test_interrupted_explain_leaves_no_file_claiming_completion(
     trained: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     calls = {"n": 0}
-    if where == "test_step":
+    if where in ("test_step", "sigterm"):
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
         real = explain_stage.ExplainModule.test_step
 
         def step(self: Any, batch: Any, batch_idx: int) -> None:
             calls["n"] += 1
-            if batch_idx == 1:
-                raise _Stop("interrupted after one batch")
+            if batch_idx == 1:  # Lightning raises SIGTERMException after a SIGTERM
+                raise SIGTERMException() if where == "sigterm" else _Stop("interrupted")
             real(self, batch, batch_idx)
 
         monkeypatch.setattr(explain_stage.ExplainModule, "test_step", step)
@@ -162,11 +199,13 @@ def test_interrupted_explain_leaves_no_file_claiming_completion(
     )  # fmt: skip
     with open_dict(cfg):
         cfg.output_dir = str(out)
-    with pytest.raises((_Stop, SystemExit)):
+    with pytest.raises((_Stop, SystemExit)) as stopped:
         explain_stage.run(cfg)
+    if where == "sigterm":
+        assert stopped.value.code == 143  # not 0: the run did not finish
     assert not (out / "COMPLETE").exists() and not (out / "manifest.json").exists()
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp*"))
-    if where == "test_step":
+    if where != "write_figures":
         assert calls["n"] == 2 and not (out / "metrics.json").exists()
 
 
@@ -291,9 +330,10 @@ def test_ddp_two_processes_train_and_evaluate_like_one(tmp_path: Path, cache_dir
     assert single["test/loss"] == pytest.approx(two["test/loss"], abs=1e-5)
 
     # Training agrees up to BatchNorm: each process normalises with its own 8 images
-    # (SyncBatchNorm needs a GPU), so losses differ slightly; accuracy on these sizes matches.
-    for key in ("train/loss", "val/loss", "test/loss"):
-        assert two[key] == pytest.approx(one[key], abs=0.05), key
+    # (SyncBatchNorm needs a GPU), so losses differ slightly. train/loss is not compared: it is
+    # logged without sync_dist, so under DDP it is rank 0's half of the data.
+    for key in ("val/loss", "test/loss"):
+        assert two[key] == pytest.approx(one[key], abs=0.02), key
     for key in ("train/acc", "val/acc", "test/acc"):
         assert two[key] == pytest.approx(one[key], abs=0.1), key
     shutil.rmtree(tmp_path / "two" / "checkpoints", ignore_errors=True)

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -742,7 +744,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         enable_checkpointing=False,
     )
     start = time.perf_counter()
-    trainer.test(module, dataloaders=loader, verbose=False)
+    try:
+        trainer.test(module, dataloaders=loader, verbose=False)
+    except SIGTERMException:
+        # Lightning raises SystemExit(None) on SIGTERM, which would exit 0; COMPLETE is not written.
+        log.warning("explain run stopped by SIGTERM; %s is incomplete (no COMPLETE file)", out)
+        raise SystemExit(128 + signal.SIGTERM) from None
     seconds = time.perf_counter() - start
     results = module.results()
     n_images = len(dataset)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from lightning.pytorch.callbacks import (
     ModelCheckpoint,
     TQDMProgressBar,
 )
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from attncam.models.lit_module import (
@@ -167,7 +169,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_hparams(saved["hyper_parameters"], module.hparams, str(resume))
         del saved
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=not trust)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=not trust)
+    except SIGTERMException:
+        # Lightning stops at a batch boundary on SIGTERM and raises SystemExit(None), which
+        # would exit 0: a scheduler must see the job as killed, not finished.
+        log.warning(
+            "training stopped by SIGTERM in epoch %d; %s holds the last finished epoch: run again "
+            "in the same folder with resume=last (or resume=PATH)",
+            trainer.current_epoch,
+            ckpt_dir / "last.ckpt",
+        )
+        raise SystemExit(128 + signal.SIGTERM) from None
     fit_seconds = time.perf_counter() - start
 
     results: dict[str, Any] = {
