@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
+# Test this checkout's code, also in subprocesses (train.py / explain.py / DDP workers), whatever
+# another clone's editable install points at.
+_SRC = str(Path(__file__).resolve().parents[1] / "src")
+sys.path.insert(0, _SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_SRC, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
