@@ -734,7 +734,10 @@ def main() -> None:
         "machine": machine(),
         "versions": versions(),
         "load_before": load_average(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        # Paths relative to the working directory: no machine-local absolute paths in results.
+        "args": {
+            k: os.path.relpath(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+        },
     }
     t0 = time.perf_counter()
     if "lightning" in parts:
