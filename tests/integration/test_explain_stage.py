@@ -275,3 +275,25 @@ def test_every_explain_option_composes(override: str) -> None:
     assert specs and all(k in available_methods() for k, _ in specs)
     protocol, metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True))
     assert metrics and protocol.to_dict()["mask_space"] in ("pixel", "normalized")
+
+
+def test_sanity_check_runs_when_enabled(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sanity"
+    cfg = _explain_cfg(
+        out,
+        [f"ckpt={checkpoint}", "method=[gradcam,guided_backprop]", "limit=4", "batch_size=4",
+         "metrics.enabled=[average_drop]", "metrics.sanity.enabled=true",
+         "metrics.sanity.num_images=4", "metrics.sanity.layers=[head.fc,features.layer2.0.conv2]"],
+    )  # fmt: skip
+    explain_stage.run(cfg)
+    sanity = json.loads((out / "sanity.json").read_text())
+    assert set(sanity) == {"gradcam", "guided_backprop"}
+    for method in sanity.values():
+        assert set(method) == {
+            "spearman@head.fc", "ssim@head.fc",
+            "spearman@features.layer2.0.conv2", "ssim@features.layer2.0.conv2",
+        }  # fmt: skip
+        assert all(r["n"] == 4 for r in method.values())
+    # Grad-CAM depends on the classifier's weights; randomising them changes its maps.
+    assert sanity["gradcam"]["spearman@head.fc"]["value"] < 0.99
+    assert "sanity.json" in json.loads((out / "manifest.json").read_text())["files"]
