@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
@@ -19,30 +14,14 @@ from attncam.explain import available_methods
 from attncam.models.lit_module import CheckpointError
 from attncam.stages import explain as explain_stage
 from attncam.stages import train as train_stage
-
-ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
-SMALL_DATA = [
-    "data.image_size=32",
-    "data.num_train=64",
-    "data.num_val=32",
-    "data.num_test=32",
-    "data.batch_size=16",
-]
-FAST_METRICS = ["metrics=fast", "metrics.num_resamples=50", "metrics.protocol.steps=4"]
-
-
-def _compose(name: str, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+from tests.integration.helpers import CONF, FAST_METRICS, SMALL_DATA, compose, run_cli
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Path:
     """A tiny CBAM model trained for one epoch on the small synthetic set."""
     out = tmp_path_factory.mktemp("train")
-    cfg = _compose(
+    cfg = compose(
         "train",
         ["model=tiny", "attention=cbam", "logger=none", "trainer.max_epochs=1", "test=false",
          f"data.cache_dir={cache_dir}", *SMALL_DATA],
@@ -53,7 +32,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Path
 
 
 def _explain_cfg(out: Path, overrides: list[str]) -> DictConfig:
-    cfg = _compose("explain", ["logger=csv", *FAST_METRICS, *overrides])
+    cfg = compose("explain", ["logger=csv", *FAST_METRICS, *overrides])
     with open_dict(cfg):
         cfg.output_dir = str(out)
     return cfg
@@ -220,24 +199,13 @@ def test_never_overwrites_a_finished_run(checkpoint: Path, tmp_path: Path) -> No
     assert (out / "metrics.json").read_bytes() == before
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "explain.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
 def test_ddp_two_processes_give_the_single_process_table(checkpoint: Path, tmp_path: Path) -> None:
     common = [f"ckpt={checkpoint}", "method=[gradcam,attention_guided]", "limit=8", "batch_size=2",
               "logger=csv", *FAST_METRICS]  # fmt: skip
-    one = _cli([*common, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    one = run_cli("explain.py", [*common, f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _cli(
+    two = run_cli(
+        "explain.py",
         [*common, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
          f"hydra.run.dir={tmp_path / 'two'}"],
         tmp_path,
@@ -270,7 +238,7 @@ def test_every_explain_option_composes(override: str) -> None:
     from attncam.explain import methods_from_config
     from attncam.metrics import build_metrics
 
-    cfg = _compose("explain", [override])
+    cfg = compose("explain", [override])
     specs = methods_from_config(OmegaConf.to_container(cfg.method, resolve=True))
     assert specs and all(k in available_methods() for k, _ in specs)
     protocol, metrics = build_metrics(OmegaConf.to_container(cfg.metrics, resolve=True))

@@ -16,36 +16,18 @@ from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from attncam.models.lit_module import CheckpointError, load_classifier
 from attncam.stages import explain as explain_stage
 from attncam.stages import train as train_stage
+from tests.integration.helpers import FAST_METRICS, ROOT, SMALL_DATA, compose
 from tests.unit.test_reliability_checkpoints import Note
 from tests.unit.test_reliability_images import BAD, GOOD, write_bad_images
 
-ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
-SMALL_DATA = [
-    "data.image_size=32",
-    "data.num_train=64",
-    "data.num_val=32",
-    "data.num_test=32",
-    "data.batch_size=16",
-]
-FAST_METRICS = ["metrics=fast", "metrics.num_resamples=50", "metrics.protocol.steps=4"]
-
-
-def _compose(name: str, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
 
 def _train_cfg(out: Path, cache_dir: str, extra: list[str]) -> DictConfig:
-    cfg = _compose(
+    cfg = compose(
         "train",
         ["model=tiny", "attention=cbam", "logger=none", "threads=1",
          f"data.cache_dir={cache_dir}", *SMALL_DATA, *extra],
@@ -146,7 +128,7 @@ def test_explain_images_path_decodes_odd_modes_and_skips_broken_files(
     trained: dict[str, Any], tmp_path: Path
 ) -> None:
     write_bad_images(tmp_path / "photos")
-    cfg = _compose(
+    cfg = compose(
         "explain",
         ["logger=none", *FAST_METRICS, f"ckpt={trained['best_checkpoint']}", "method=[gradcam]",
          f"images={tmp_path / 'photos'}", "image_size=32"],
@@ -192,7 +174,7 @@ def test_interrupted_explain_leaves_no_file_claiming_completion(
 
         monkeypatch.setattr(explain_stage, "write_figures", figures)
     out = tmp_path / "explain"
-    cfg = _compose(
+    cfg = compose(
         "explain",
         ["logger=none", *FAST_METRICS, f"ckpt={trained['best_checkpoint']}", "method=[gradcam]",
          "limit=8", "batch_size=4"],

@@ -4,39 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from attncam.models.lit_module import CheckpointError, ClassifierModule, load_classifier
 from attncam.stages import train as train_stage
-
-ROOT = Path(__file__).resolve().parents[2]
-CONF = ROOT / "conf"
-SMALL_DATA = [
-    "data.image_size=32",
-    "data.num_train=64",
-    "data.num_val=32",
-    "data.num_test=32",
-    "data.batch_size=16",
-]
+from tests.integration.helpers import CONF, SMALL_DATA, compose, run_cli
 
 
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def _compose(overrides: list[str], name: str = "train") -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides, return_hydra_config=False)
 
 
 @pytest.mark.parametrize(
@@ -46,7 +27,7 @@ def _compose(overrides: list[str], name: str = "train") -> DictConfig:
     + ["experiment=an2022", "experiment=demo"],
 )  # fmt: skip
 def test_every_config_option_composes_and_instantiates(override: str) -> None:
-    cfg = _compose([override])
+    cfg = compose("train", [override])
     assert cfg.model.backbone and cfg.model.attention
     dm = instantiate(cfg.data)  # constructing touches no disk
     assert hasattr(dm, "train_dataloader")
@@ -63,7 +44,9 @@ def _cheap(cfg: DictConfig) -> bool:
 
 
 def _train_cfg(tmp_path: Path, cache_dir: str, extra: list[str]) -> DictConfig:
-    cfg = _compose(["model=tiny", "logger=csv", f"data.cache_dir={cache_dir}", *SMALL_DATA, *extra])
+    cfg = compose(
+        "train", ["model=tiny", "logger=csv", f"data.cache_dir={cache_dir}", *SMALL_DATA, *extra]
+    )
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "run")
     return cfg
@@ -146,18 +129,6 @@ def test_bad_override_values_name_the_choices(tmp_path: Path, cache_dir: str) ->
         train_stage.build_module(cfg, 3)
 
 
-def _cli(args: list[str], cwd: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", **env_extra}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_multirun_sweep_makes_one_folder_per_job(tmp_path: Path, cache_dir: str) -> None:
     args = [
         "-m",
@@ -168,7 +139,7 @@ def test_multirun_sweep_makes_one_folder_per_job(tmp_path: Path, cache_dir: str)
         f"data.cache_dir={cache_dir}",
         *SMALL_DATA,
     ]
-    proc = _cli(args, tmp_path, {})
+    proc = run_cli("train.py", args, tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(tmp_path.glob("multirun/train/**/results.json"))
     assert len(runs) == 4, proc.stderr[-2000:]
@@ -177,6 +148,6 @@ def test_multirun_sweep_makes_one_folder_per_job(tmp_path: Path, cache_dir: str)
 
 
 def test_typo_override_fails_with_hydra_message(tmp_path: Path) -> None:
-    proc = _cli(["model=resnet5"], tmp_path, {})
+    proc = run_cli("train.py", ["model=resnet5"], tmp_path, timeout=600)
     assert proc.returncode != 0
     assert "resnet5" in proc.stderr and "Available options" in proc.stderr

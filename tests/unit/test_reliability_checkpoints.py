@@ -22,7 +22,6 @@ from attncam.models.lit_module import (
     load_classifier,
     read_checkpoint,
 )
-from attncam.stages import common
 from attncam.stages.common import AtomicCheckpointIO
 
 
@@ -66,7 +65,7 @@ def test_a_save_failing_mid_write_keeps_the_previous_checkpoint(
         f.truncate(f.tell() // 2)  # half a zip archive on disk, then the "kill"
         raise error("killed while saving")
 
-    monkeypatch.setattr(common.torch, "save", half_then_die)
+    monkeypatch.setattr(torch, "save", half_then_die)
     with pytest.raises(error):
         io.save_checkpoint({"step": torch.tensor(2), "w": torch.zeros(1000)}, path)
     monkeypatch.undo()

@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import pickle
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from attncam.data.transforms import (
     load_image,
     mask_to_box,
 )
+from attncam.io import atomic_torch_save
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -760,21 +760,6 @@ def cache_path(config: SyntheticConfig, split: str, cache_dir: str | os.PathLike
     return root / "synthetic" / name
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    """`torch.save` to a temporary file beside `path`, then `os.replace`: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_or_generate(
     config: SyntheticConfig, split: str, cache_dir: str | os.PathLike | None = None
 ) -> SyntheticSplit:
@@ -818,7 +803,7 @@ def load_or_generate(
     start = time.perf_counter()
     data = generate_split(config, split)
     elapsed = time.perf_counter() - start
-    _atomic_save(
+    atomic_torch_save(
         {
             "images": data.images,
             "labels": data.labels,
