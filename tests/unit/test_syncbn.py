@@ -224,3 +224,15 @@ def test_bad_input_fails_clearly() -> None:
     with pytest.raises(ValueError, match="uninitialised LazyBatchNorm2d"):
         convert_sync_batchnorm(nn.Sequential(nn.LazyBatchNorm2d()))
     assert revert_sync_batchnorm(nn.Linear(2, 2)).__class__ is nn.Linear
+
+
+def test_trainer_sync_batchnorm_key_selects_the_plugin() -> None:
+    from attncam.stages.common import AtomicCheckpointIO, trainer_plugins
+
+    kwargs = {"sync_batchnorm": True, "devices": 2}
+    plugins = trainer_plugins(kwargs)
+    assert kwargs == {"devices": 2}, "the key is not passed on to Trainer"
+    assert [type(p) for p in plugins] == [AtomicCheckpointIO, DistributedBatchNormPlugin]
+    assert [type(p) for p in trainer_plugins({"sync_batchnorm": False})] == [AtomicCheckpointIO]
+    with pytest.raises(ValueError, match="unknown trainer.sync_batchnorm 'torch'; choose one of"):
+        trainer_plugins({"sync_batchnorm": "torch"})

@@ -1,4 +1,4 @@
-"""What both stages share: loggers, atomic checkpoint writing, seeds and output folders."""
+"""What both stages share: loggers, atomic checkpoint writing, Trainer plugins, output folders."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.plugins import LayerSync
 from omegaconf import DictConfig, OmegaConf
 
 from attncam.io import atomic_torch_save
+from attncam.models.syncbn import DistributedBatchNormPlugin
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         """Save ``checkpoint`` to ``path`` atomically."""
         atomic_torch_save(checkpoint, path)
+
+
+def trainer_plugins(trainer_kwargs: dict[str, Any]) -> list[TorchCheckpointIO | LayerSync]:
+    """The Trainer plugins for ``trainer_kwargs`` (from ``cfg.trainer``), popping ``sync_batchnorm``.
+
+    ``trainer.sync_batchnorm=true`` gives :class:`~attncam.models.syncbn.DistributedBatchNormPlugin`
+    instead of Lightning's ``sync_batchnorm=True`` (``torch.nn.SyncBatchNorm``), on every device:
+    torch's layer refuses CPU tensors, so under ``trainer=ddp`` on CPU (gloo) each process would
+    normalise with its own shard of the batch. One implementation everywhere also means the
+    layer that runs on GPUs is the one the CPU tests check (at the cost of torch's fused CUDA
+    kernel: a few more elementwise kernels and saved activations per BatchNorm).
+
+    Raises:
+        ValueError: ``sync_batchnorm`` is not a boolean.
+    """
+    sync = trainer_kwargs.pop("sync_batchnorm", False)
+    if sync is None:
+        sync = False
+    if not isinstance(sync, bool):
+        raise ValueError(
+            f"unknown trainer.sync_batchnorm {sync!r}; choose one of: true (BatchNorm statistics "
+            "of the global batch across DDP processes, CPU and GPU), false"
+        )
+    plugins: list[TorchCheckpointIO | LayerSync] = [AtomicCheckpointIO()]
+    if sync:
+        plugins.append(DistributedBatchNormPlugin())
+    return plugins
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -27,7 +27,7 @@ from attncam.models.lit_module import (
     check_hparams,
     read_checkpoint,
 )
-from attncam.stages.common import AtomicCheckpointIO, build_loggers, output_dir, write_json_atomic
+from attncam.stages.common import build_loggers, output_dir, trainer_plugins, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,26 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[Callback]:
     return callbacks
 
 
+def _metrics_over_processes(trainer: L.Trainer, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """``trainer.callback_metrics`` starting with ``prefixes``, each the mean over the processes.
+
+    ``train/loss`` is logged without ``sync_dist`` (no all-reduce per step), so under DDP each
+    process holds the loss of its own shard; the mean over processes (equal shards, as
+    ``DistributedSampler`` makes them) is the loss one process computes on the global batches.
+    A metric that is already synchronised (the same on every process) is kept as it is, bit for
+    bit.
+    """
+    metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
+    if trainer.world_size > 1 and metrics:
+        keys = sorted(metrics)  # the same order on every process
+        device = trainer.strategy.root_device
+        local = torch.stack([metrics[k].detach().float().reshape(()).to(device) for k in keys])
+        gathered = trainer.strategy.all_gather(local).reshape(-1, len(keys)).cpu()  # (P, K)
+        same = (gathered == gathered[0]).all(dim=0)
+        metrics = dict(zip(keys, torch.where(same, gathered[0], gathered.mean(0)), strict=True))
+    return {k: float(v) for k, v in metrics.items()}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, validate and test the model described by ``cfg``.
 
@@ -147,12 +167,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir = out / "checkpoints"
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_kwargs, dict)
+    plugins = trainer_plugins(trainer_kwargs)  # takes sync_batchnorm out of trainer_kwargs
     trainer = L.Trainer(
         **trainer_kwargs,  # type: ignore[arg-type]
         default_root_dir=str(out),
         logger=build_loggers(cfg, out) or False,
         callbacks=build_callbacks(cfg, ckpt_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
     )
     write_json_atomic(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
 
@@ -193,9 +214,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "placement": cfg.model.get("placement", "blocks"),
         "epochs": trainer.current_epoch,
     }
-    for k, v in trainer.callback_metrics.items():
-        if k.startswith(("val/", "train/")):
-            results[k] = float(v)
+    results.update(_metrics_over_processes(trainer, ("val/", "train/")))
     ckpt_cb = trainer.checkpoint_callback
     best = getattr(ckpt_cb, "best_model_path", "") or ""
     results["best_checkpoint"] = best or None
@@ -210,7 +229,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for k in list(results):
         if isinstance(results[k], float) and math.isnan(results[k]):
             raise FloatingPointError(f"{k} is NaN: training diverged; lower optim.lr")
-    write_json_atomic(out / "results.json", results)
+    if trainer.is_global_zero:  # one writer; every process returns the same metrics
+        write_json_atomic(out / "results.json", results)
     log.info(
         "val/acc %.4f  test/acc %s  in %.0f s  -> %s",
         results.get("val/acc", float("nan")),
