@@ -279,8 +279,7 @@ def test_ddp_two_processes_train_and_evaluate_like_one(tmp_path: Path, cache_dir
               f"data.cache_dir={cache_dir}", "data.image_size=32", "data.num_train=64",
               "data.num_val=32", "data.num_test=32", "data.augment=false",
               "trainer.max_epochs=2", "callbacks.monitor=step", "callbacks.mode=max"]  # fmt: skip
-    # monitor=step improves every epoch, so best.ckpt and last.ckpt hold the final weights:
-    # Lightning 2.6 rewrites last.ckpt only in an epoch that saved a top-k checkpoint.
+    # monitor=step improves every epoch, so best.ckpt (like last.ckpt) holds the final weights.
     env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "1"}
 
     def cli(extra: list[str], name: str) -> dict[str, Any]:

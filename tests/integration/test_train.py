@@ -89,6 +89,25 @@ def test_resume_from_last(tmp_path: Path, cache_dir: str) -> None:
     assert second["epochs"] == 2
 
 
+def test_last_checkpoint_is_rewritten_every_epoch(tmp_path: Path, cache_dir: str) -> None:
+    # lr 0: val/acc never improves after epoch 0, so the best checkpoint stays at epoch 0 while
+    # last.ckpt must follow every epoch (Lightning 2.6's save_last=True would leave it at 0).
+    cfg = _train_cfg(
+        tmp_path,
+        cache_dir,
+        ["trainer.max_epochs=3", "optim.lr=0", "optim.scheduler=none", "data.augment=false"],
+    )
+    results = train_stage.run(cfg)
+    best = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=True)
+    last = torch.load(results["last_checkpoint"], map_location="cpu", weights_only=True)
+    assert best["epoch"] == 0
+    assert last["epoch"] == 2 and last["global_step"] == 3 * 4  # 64 images / batch 16
+    assert sorted(p.name for p in Path(results["best_checkpoint"]).parent.iterdir()) == [
+        "best.ckpt",
+        "last.ckpt",
+    ]
+
+
 def test_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         load_classifier(str(tmp_path / "nope.ckpt"))

@@ -105,8 +105,19 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[Callback]:
             filename="best",
             monitor=c.get("monitor", "val/acc"),
             mode=c.get("mode", "max"),
-            save_last=True,
+            save_last=False,
             save_top_k=1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
+        # last.ckpt after every epoch. Lightning 2.6's `save_last=True` rewrites it only in
+        # epochs that also save a new best, so a resume would lose the epochs since the best.
+        ModelCheckpoint(
+            dirpath=str(ckpt_dir),
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            every_n_epochs=1,
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
