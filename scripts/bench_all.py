@@ -12,6 +12,7 @@ The budget is 30 minutes on an idle 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -28,6 +29,10 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
     "metrics": (["scripts/bench_metrics.py"], "metrics.md"),
     "train": (["scripts/bench_train.py"], "train.md"),
 }
+
+
+# Import name -> distribution name, where they differ.
+DISTRIBUTIONS = {"pytorch_grad_cam": "grad-cam"}
 
 
 def _machine() -> list[str]:
@@ -51,9 +56,15 @@ def _machine() -> list[str]:
     ):
         try:
             mod = __import__(name)
-            libs.append(f"{name} {getattr(mod, '__version__', '?')}")
         except ImportError:
-            pass
+            continue
+        version = getattr(mod, "__version__", None)
+        if version is None:  # pytorch_grad_cam has no __version__: ask its distribution
+            try:
+                version = importlib.metadata.version(DISTRIBUTIONS.get(name, name))
+            except importlib.metadata.PackageNotFoundError:
+                version = "?"
+        libs.append(f"{name} {version}")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return [
         f"- CPU: {cpu}, {os.cpu_count()} cores; torch threads {torch.get_num_threads()}; GPU: {gpu}",
@@ -93,6 +104,9 @@ def write_results(ran: dict[str, dict[str, object]]) -> Path:
         "## Commands",
         "",
     ]
+    if ran:
+        total = sum(float(r["seconds"]) for r in ran.values())  # type: ignore[arg-type]
+        lines += [f"Wall time of the scripts run this time: {total / 60:.1f} min.", ""]
     for key, (cmd, report) in SCRIPTS.items():
         info = ran.get(key)
         note = (
