@@ -192,12 +192,12 @@ def bench_curves(
 def main() -> None:
     """Run the benchmarks and write the markdown report."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--n-images", type=int, default=4)
+    ap.add_argument("--n-images", type=int, default=8)
     ap.add_argument("--methods", type=int, default=5, help="methods sharing the images (table)")
     ap.add_argument("--curve-images", type=int, default=2)
     ap.add_argument("--curve-methods", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--chunk-size", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/metrics.md"))
