@@ -724,14 +724,19 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
                 "What they are: `aten::max` is the two max pools per block that keep the argmax "
                 "indices the backward needs (ATen's `max(dim)` with indices is a scalar loop, "
                 "several times slower than `amax`; in channels-last the spatial pool uses the "
-                "vectorised `adaptive_max_pool2d`, the channel pool cannot); `aten::mul`/`aten::addcmul`/`aten::bmm` are the "
-                "gate products and the fused input and gate gradients, each one memory-bound pass "
-                "over the block's `(B, C, h, w)` tensor; the extra `aten::mkldnn_convolution` / "
-                "`convolution_backward` / `native_batch_norm` time is the 7x7 2-to-1 spatial-gate "
-                "conv and its BN, one per block. Tried and measured slower on this CPU: `amax` "
-                "plus a vectorised first-index search (a full-size int32 pass costs more than "
-                "the scalar loop saves) and `max_pool3d` over the channel axis; not tried: a "
-                "mask-based backward, which needs three more full passes.",
+                "vectorised `adaptive_max_pool2d`, the channel pool cannot); `aten::mul`, "
+                "`aten::addcmul` and `aten::bmm` are the gate products and the fused input and "
+                "gate gradients, each one memory-bound pass over the block's `(B, C, h, w)` "
+                "tensor. The 16 spatial-gate convs (7x7, 2 channels to 1) and their BN are small: "
+                "measured alone, forward and backward of all 16 take about 10 ms per step at this "
+                "size (channels-last, as the fused path runs them), so most of any extra "
+                "`aten::mkldnn_convolution` / `convolution_backward` time in the table is the "
+                "backbone's own 53 convolutions running slower next to CBAM's memory traffic. "
+                "Tried and measured slower on this CPU: `amax` plus a vectorised first-index "
+                "search (a full-size int32 pass costs more than the scalar loop saves), "
+                "`max_pool3d` over the channel axis, and the spatial-gate conv as unfold + matmul "
+                "(4x slower than oneDNN's); not tried: a mask-based backward, which needs three "
+                "more full passes.",
                 "",
                 "```",
                 pr["tables"],
