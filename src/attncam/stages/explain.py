@@ -771,6 +771,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "limit_train_batches",
         "limit_val_batches",
         "log_every_n_steps",
+        "sync_batchnorm",  # training only (attncam's DistributedBatchNorm); explaining is eval
     ):
         trainer_kwargs.pop(k, None)
     loggers = build_loggers(cfg, out)
