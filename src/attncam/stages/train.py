@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -12,50 +11,26 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import (
-    Callback,
-    LearningRateMonitor,
-    ModelCheckpoint,
-    TQDMProgressBar,
-)
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from attncam.models.lit_module import (
-    ClassifierModule,
-    FreezePretrained,
-    check_hparams,
-    read_checkpoint,
+from attncam.io import write_json_atomic
+from attncam.models.checkpoint import check_hparams, read_checkpoint
+from attncam.models.lit_module import ClassifierModule
+from attncam.stages.common import (
+    build_callbacks_from_config,
+    build_loggers,
+    task_wrapper,
+    trainer_plugins,
 )
-from attncam.stages.common import build_loggers, output_dir, trainer_plugins, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
 def build_module(cfg: DictConfig, num_classes: int) -> ClassifierModule:
     """A :class:`ClassifierModule` from the ``model`` and ``optim`` config groups."""
-    m, o = cfg.model, cfg.optim
-    return ClassifierModule(
-        backbone=m.backbone,
-        num_classes=num_classes,
-        attention=m.get("attention", "none"),
-        placement=m.get("placement", "blocks"),
-        reduction=m.get("reduction", 16),
-        kernel_size=m.get("kernel_size", 7),
-        pretrained=m.get("pretrained", False),
-        weights=m.get("weights"),
-        channels_last=m.get("channels_last", False),
-        optimizer=o.optimizer,
-        lr=o.lr,
-        lr_pretrained=o.get("lr_pretrained"),
-        momentum=o.get("momentum", 0.9),
-        weight_decay=o.get("weight_decay", 0.0),
-        scheduler=o.get("scheduler", "none"),
-        step_size=o.get("step_size", 30),
-        gamma=o.get("gamma", 0.1),
-        warmup_epochs=o.get("warmup_epochs", 0),
-        max_epochs=cfg.trainer.get("max_epochs") or 1,
-        label_smoothing=o.get("label_smoothing", 0.0),
+    return ClassifierModule.from_config(
+        cfg.model, cfg.optim, num_classes, cfg.trainer.get("max_epochs") or 1
     )
 
 
@@ -97,39 +72,18 @@ class EpochSeed(Callback):
 
 
 def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[Callback]:
-    """Checkpointing (best and last), learning-rate monitor, progress bar, optional freezing."""
-    c = cfg.get("callbacks") or {}
-    callbacks: list[Callback] = [
-        ModelCheckpoint(
-            dirpath=str(ckpt_dir),
-            filename="best",
-            monitor=c.get("monitor", "val/acc"),
-            mode=c.get("mode", "max"),
-            save_last=False,
-            save_top_k=1,
-            auto_insert_metric_name=False,
-            enable_version_counter=False,
-        ),
-        # last.ckpt after every epoch. Lightning 2.6's `save_last=True` rewrites it only in
-        # epochs that also save a new best, so a resume would lose the epochs since the best.
-        ModelCheckpoint(
-            dirpath=str(ckpt_dir),
-            filename="last",
-            monitor=None,
-            save_top_k=1,
-            every_n_epochs=1,
-            auto_insert_metric_name=False,
-            enable_version_counter=False,
-        ),
-        TQDMProgressBar(refresh_rate=c.get("progress_refresh", 10)),
-        EpochSeed(int(cfg.get("seed", 0))),
-    ]
-    if cfg.get("logger") and any(cfg.logger.get(k) for k in ("wandb", "csv")):
-        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-    freeze = int(c.get("freeze_epochs", 0) or 0)
-    if freeze > 0:
-        callbacks.append(FreezePretrained(epochs=freeze))
-    return callbacks
+    """The ``_target_`` entries of ``cfg.callbacks`` (checkpoints, progress, seeding, freezing)."""
+    has_logger = bool(_entries_of(cfg.get("logger")))
+
+    def skip(name: str, conf: Any) -> bool:
+        # Freezing for 0 epochs is no freezing: leave the callback (and its checkpoint state) out.
+        return str(conf._target_).endswith("FreezePretrained") and int(conf.epochs or 0) <= 0
+
+    return build_callbacks_from_config(cfg.get("callbacks"), ckpt_dir, has_logger, skip)
+
+
+def _entries_of(group: Any) -> list[str]:
+    return [k for k, v in (group or {}).items() if v]
 
 
 def _metrics_over_processes(trainer: L.Trainer, prefixes: tuple[str, ...]) -> dict[str, float]:
@@ -152,44 +106,9 @@ def _metrics_over_processes(trainer: L.Trainer, prefixes: tuple[str, ...]) -> di
     return {k: float(v) for k, v in metrics.items()}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, validate and test the model described by ``cfg``.
-
-    Returns:
-        ``{"output_dir", "best_checkpoint", "last_checkpoint", "val/acc", "test/acc", ...}``;
-        the same dictionary is written to ``results.json`` in the run folder.
-    """
-    out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
-    if cfg.get("deterministic", False):
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    num_classes = int(datamodule.num_classes)
-    module = build_module(cfg, num_classes)
-    if cfg.model.get("compile", False):
-        module.net.compile()  # in place: checkpoint keys keep their names (no _orig_mod.)
-
-    ckpt_dir = out / "checkpoints"
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    assert isinstance(trainer_kwargs, dict)
-    plugins = trainer_plugins(trainer_kwargs)  # takes sync_batchnorm out of trainer_kwargs
-    trainer = L.Trainer(
-        **trainer_kwargs,  # type: ignore[arg-type]
-        default_root_dir=str(out),
-        logger=build_loggers(cfg, out) or False,
-        callbacks=build_callbacks(cfg, ckpt_dir),
-        plugins=plugins,
-    )
-    write_json_atomic(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
-
+def _resume_path(cfg: DictConfig, ckpt_dir: Path, module: ClassifierModule) -> str | None:
+    """The checkpoint to resume from (``resume=last|PATH``), checked before any fitting."""
     resume = cfg.get("resume")
-    trust = bool(cfg.get("trust_checkpoint", False))
     if resume == "last":
         last = ckpt_dir / "last.ckpt"
         resume = str(last) if last.is_file() else None
@@ -197,28 +116,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.info("resume=last: no %s yet, starting from scratch", last)
     if resume:
         # Fail before fitting, with the reason: unsafe, corrupt, or another network.
-        saved = read_checkpoint(str(resume), trust_checkpoint=trust)
+        saved = read_checkpoint(str(resume), trust_checkpoint=bool(cfg.get("trust_checkpoint")))
         check_hparams(saved["hyper_parameters"], module.hparams, str(resume))
-        del saved
-    start = time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=not trust)
-    except SIGTERMException:
-        # Lightning stops at a batch boundary on SIGTERM and raises SystemExit(None), which
-        # would exit 0: a scheduler must see the job as killed, not finished.
-        log.warning(
-            "training stopped by SIGTERM in epoch %d; %s holds the last finished epoch: run again "
-            "in the same folder with resume=last (or resume=PATH)",
-            trainer.current_epoch,
-            ckpt_dir / "last.ckpt",
-        )
-        raise SystemExit(128 + signal.SIGTERM) from None
-    fit_seconds = time.perf_counter() - start
+    return str(resume) if resume else None
 
+
+def _build(cfg: DictConfig, out: Path) -> tuple[Any, ClassifierModule, L.Trainer, dict[str, Any]]:
+    """Data module, Lightning module and Trainer of a training run."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = build_module(cfg, int(datamodule.num_classes))
+    if cfg.model.get("compile", False):
+        module.net.compile()  # in place: checkpoint keys keep their names (no _orig_mod.)
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer_kwargs, dict)
+    plugins = trainer_plugins(trainer_kwargs)  # takes sync_batchnorm out of trainer_kwargs
+    trainer = L.Trainer(
+        **trainer_kwargs,  # type: ignore[arg-type]
+        default_root_dir=str(out),
+        logger=build_loggers(cfg, out) or False,
+        callbacks=build_callbacks(cfg, out / "checkpoints"),
+        plugins=plugins,
+    )
+    return datamodule, module, trainer, trainer_kwargs
+
+
+def _results(cfg: DictConfig, out: Path, trainer: L.Trainer, datamodule: Any) -> dict[str, Any]:
+    """What ``results.json`` records after fitting (before testing)."""
     results: dict[str, Any] = {
         "output_dir": str(out),
-        "fit_seconds": round(fit_seconds, 2),
-        "num_classes": num_classes,
+        "num_classes": int(datamodule.num_classes),
         "class_names": list(getattr(datamodule, "class_names", []) or []),
         "model": cfg.model.backbone,
         "attention": cfg.model.get("attention", "none"),
@@ -226,19 +154,44 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "epochs": trainer.current_epoch,
     }
     results.update(_metrics_over_processes(trainer, ("val/", "train/")))
-    ckpt_cb = trainer.checkpoint_callback
-    best = getattr(ckpt_cb, "best_model_path", "") or ""
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
     results["best_checkpoint"] = best or None
-    last_path = ckpt_dir / "last.ckpt"
+    last_path = out / "checkpoints" / "last.ckpt"
     results["last_checkpoint"] = str(last_path) if last_path.is_file() else None
+    return results
 
+
+@task_wrapper(
+    "{out}/checkpoints/last.ckpt holds the last finished epoch: run again in the same folder "
+    "with resume=last (or resume=PATH)"
+)
+def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """Train, validate and test the model described by ``cfg``.
+
+    Returns:
+        ``{"output_dir", "best_checkpoint", "last_checkpoint", "val/acc", "test/acc", ...}``;
+        the same dictionary is written to ``results.json`` in the run folder.
+    """
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("deterministic", False):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    datamodule, module, trainer, trainer_kwargs = _build(cfg, out)
+    write_json_atomic(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
+    resume = _resume_path(cfg, out / "checkpoints", module)
+    start = time.perf_counter()
+    trust = bool(cfg.get("trust_checkpoint", False))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=not trust)
+    fit_seconds = time.perf_counter() - start
+    results = {"fit_seconds": round(fit_seconds, 2), **_results(cfg, out, trainer, datamodule)}
     if cfg.get("test", True) and not trainer_kwargs.get("fast_dev_run"):
         datamodule.setup("test")
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-        for k, v in (tested[0] if tested else {}).items():
-            results[k] = float(v)
-    for k in list(results):
-        if isinstance(results[k], float) and math.isnan(results[k]):
+        best = results["best_checkpoint"]
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        results.update({k: float(v) for k, v in (tested[0] if tested else {}).items()})
+    for k, v in results.items():
+        if isinstance(v, float) and math.isnan(v):
             raise FloatingPointError(f"{k} is NaN: training diverged; lower optim.lr")
     if trainer.is_global_zero:  # one writer; every process returns the same metrics
         write_json_atomic(out / "results.json", results)

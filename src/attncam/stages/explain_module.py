@@ -1,0 +1,208 @@
+"""The Lightning side of the explain stage: one test step explains a batch and feeds the metrics.
+
+``ExplainModule`` knows no metric by name: :class:`~attncam.metrics.suite.MetricSuite` decides
+which perturbations the enabled metrics need and updates them. Batches carry image ids
+(:class:`WithIds`), so per-image results can be joined across methods and runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from attncam.explain import Explainer
+from attncam.metrics.suite import MetricSuite
+
+
+class WithIds(Dataset):
+    """Items ``(*item, image id)`` of ``dataset`` at ``indices``; the id is the index in ``dataset``.
+
+    Batches stay as fast as the wrapped dataset's: an in-memory dataset that batches itself
+    (``__getitems__`` and ``collate_fn``) still does.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        return (*self.dataset[self.indices[i]], self.indices[i])
+
+    def __getitems__(self, positions: list[int]) -> tuple[Any, list[int]]:
+        """The wrapped dataset's batch for these positions, and their ids."""
+        ids = [self.indices[p] for p in positions]
+        inner = getattr(self.dataset, "__getitems__", None)
+        batch = inner(ids) if inner is not None else [self.dataset[i] for i in ids]
+        return batch, ids
+
+    def collate_fn(self, batch: tuple[Any, list[int]]) -> list[Any]:
+        """``[images, labels, masks, ids]`` with the wrapped dataset's own collate."""
+        items, ids = batch
+        collate = getattr(self.dataset, "collate_fn", None) or default_collate
+        return [*collate(items), torch.tensor(ids, dtype=torch.long)]
+
+
+class ImagesPerSecondBar(TQDMProgressBar):
+    """The test progress bar counts images and images per second, not batches."""
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self._images = 0
+        self._start = 0.0
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Reset the counters."""
+        super().on_test_start(trainer, pl_module)
+        self._images, self._start = 0, time.perf_counter()
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Show images done and images per second."""
+        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        self._images += int(batch[0].shape[0])
+        rate = self._images / max(time.perf_counter() - self._start, 1e-9)
+        if self.test_progress_bar is not None:
+            self.test_progress_bar.set_postfix(images=self._images, img_s=f"{rate:.2f}")
+
+
+class FigureRows:
+    """The first ``keep`` images of the run with their maps and predictions, for the grid."""
+
+    def __init__(self, names: Sequence[str], keep: int) -> None:
+        self.keep = keep
+        self.images: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor] = []
+        self.records: list[dict[str, Any]] = []
+        self.maps: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def add(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        maps: Mapping[str, torch.Tensor],
+        records: list[dict[str, Any]],
+    ) -> None:
+        """Keep images of this batch until ``keep`` are held."""
+        take = self.keep - len(self.images)
+        if take <= 0:
+            return
+        self.images.extend(images[:take].cpu())
+        self.masks.extend(masks[:take].cpu())
+        self.records.extend(records[:take])
+        for n, held in self.maps.items():
+            held.extend(maps[n][:take].float().cpu())
+
+
+def _records(labels: torch.Tensor, ids: torch.Tensor, base: Any) -> list[dict[str, Any]]:
+    """Label, target, prediction and top-5 classes with probabilities of each image."""
+    probs = base.logits.float().softmax(-1)
+    top = probs.topk(min(5, probs.shape[1]), dim=1)
+    return [
+        {
+            "id": int(ids[i]),
+            "label": int(labels[i]),
+            "target": int(base.targets[i]),
+            "predicted": int(base.predicted[i]),
+            "top5": list(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True)),
+        }
+        for i in range(labels.shape[0])
+    ]
+
+
+class ExplainModule(L.LightningModule):
+    """Explains each test batch with every method and updates every metric.
+
+    Args:
+        net: the classifier (pixel images in, logits out).
+        specs: ``[(method key, options)]``.
+        layer: CAM layer(s) or None for the model's default.
+        metrics_cfg: the ``metrics`` config (protocol, enabled metrics, settings).
+        keep_rows: images kept (on rank 0) for the figure grid.
+        save_maps: keep every map for ``maps.npz``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        specs: list[tuple[str, dict[str, Any]]],
+        layer: Any,
+        metrics_cfg: Mapping[str, Any],
+        keep_rows: int = 8,
+        save_maps: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.explainer = Explainer(net, specs, layer=layer)
+        self.names = self.explainer.names
+        self.suite = MetricSuite.from_config(metrics_cfg, self.names)
+        self.protocol = self.suite.protocol
+        self.rows = FigureRows(self.names, keep_rows)
+        self.save_maps = save_maps
+        self.all_maps: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
+        self.records: list[dict[str, Any]] = []
+        self.skipped_channels: dict[str, float] = {}
+        self.curves: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def on_test_start(self) -> None:
+        """Build the perturbation engine on the right device."""
+        self.suite.bind(self.net)
+
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        """Explain one batch and update every metric."""
+        if len(batch) != 4:
+            raise ValueError(
+                f"an explain batch is [images, labels, masks, image ids] (wrap the dataset in "
+                f"WithIds); got {len(batch)} elements"
+            )
+        images, labels, masks, ids = batch
+        if not torch.isfinite(images).all():
+            bad = (~torch.isfinite(images.flatten(1))).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"images {bad} of batch {batch_idx} hold NaN or inf values")
+        has_labels = bool((labels >= 0).all())
+        base = self.suite.base_scores(images, labels if has_labels else None)
+        exp = self.explainer.explain(images, base.targets)
+        self._count_skipped_channels(exp.extras)
+        self.suite.update(images, exp.maps, masks, base, ids)
+        records = _records(labels, ids, base)
+        self.records.extend(records)
+        self.rows.add(images, masks, exp.maps, records)
+        if self.save_maps:
+            for n in self.names:
+                self.all_maps[n].append(exp.maps[n].half().cpu())
+
+    def _count_skipped_channels(self, extras: Mapping[str, Any]) -> None:
+        for key, val in extras.items():
+            if key.endswith(".skipped") and isinstance(val, torch.Tensor):
+                self.skipped_channels[key] = self.skipped_channels.get(key, 0.0) + float(
+                    val.float().sum()
+                )
+
+    def results(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{method: {metric: MetricResult.to_dict()}}`` after syncing across processes.
+
+        A collective under DDP: every process calls it. Also fills ``curves`` for the figures.
+        """
+        out = self.suite.results()
+        self.curves = self.suite.mean_curves()
+        return out
+
+    def per_image(self) -> dict[str, dict[str, dict[int, float]]]:
+        """``{method: {metric: {image id: value}}}`` (a collective under DDP)."""
+        return self.suite.per_image()

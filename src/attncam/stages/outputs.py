@@ -1,0 +1,242 @@
+"""What the explain stage writes: tables, figures, maps, predictions, per-image values, W&B.
+
+Every file goes through :mod:`attncam.io` (atomic). File names are part of the interface:
+``metrics.json|csv|md``, ``figures/{grid,curves,metrics}.png``, ``maps.npz``,
+``predictions.json``, ``per_image.json``, ``sanity.json``, ``manifest.json``, ``COMPLETE``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from attncam.explain.naming import slug
+from attncam.io import save_npz_atomic, write_json_atomic, write_text_atomic
+
+if TYPE_CHECKING:
+    from attncam.stages.explain_module import ExplainModule
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = {"average_drop", "deletion"}
+MAIN_METRICS = (
+    "average_drop",
+    "increase_in_confidence",
+    "pointing_game",
+    "energy_pointing_game",
+    "deletion",
+    "insertion",
+)
+_ORDER = [
+    "average_drop", "increase_in_confidence", "percentage_in", "pointing_game",
+    "energy_pointing_game", "mask_iou", "box_accuracy", "deletion", "insertion", "morf", "lerf",
+    "occlusion", "win_vs",
+]  # fmt: skip
+
+Results = dict[str, dict[str, dict[str, Any]]]
+
+
+def fmt(r: Mapping[str, Any] | None, digits: int = 2) -> str:
+    """``value [low, high]`` of a result dict, or ``n/a``."""
+    if not r or r.get("value") is None:
+        return "n/a"
+    v, lo, hi = r["value"], r.get("low"), r.get("high")
+    if lo is None or hi is None:
+        return f"{v:.{digits}f}"
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def metric_order(c: str) -> tuple[int, float, str]:
+    """Sort key of a metric column: the fixed family order, then the level after ``@``."""
+    level = c.rpartition("@")[2]
+    num = float(level) if "@" in c and level.replace(".", "", 1).isdigit() else 0.0
+    for i, prefix in enumerate(_ORDER):
+        if c.startswith(prefix):
+            return i, num, c
+    return len(_ORDER), num, c
+
+
+def _label(c: str) -> str:
+    arrow = " (lower better)" if c in LOWER_IS_BETTER else ""
+    return c.replace("_", " ") + arrow
+
+
+def _digits(c: str) -> int:
+    return (
+        3 if c.startswith(("deletion", "insertion", "mask_iou", "morf", "lerf", "occlusion")) else 2
+    )
+
+
+def _csv_text(results: Results, columns: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        ["method", *[f"{c}{suffix}" for c in columns for suffix in ("", "_low", "_high", "_n")]]
+    )
+    for method, row in results.items():
+        cells: list[Any] = [method]
+        for c in columns:
+            r = row.get(c) or {}
+            cells += [r.get("value"), r.get("low"), r.get("high"), r.get("n")]
+        w.writerow(cells)
+    return buf.getvalue()
+
+
+def _markdown(
+    results: Results, columns: list[str], protocol: Mapping[str, Any], extra: Mapping[str, Any]
+) -> str:
+    n_images = max((r.get("n") or 0 for row in results.values() for r in row.values()), default=0)
+    lines = [
+        "# Explanation metrics",
+        "",
+        f"Model: {extra.get('model')}; images: {extra.get('images')} ({extra.get('data')}); "
+        f"N per metric is in metrics.csv/json (at most {n_images}). Values are means with "
+        f"bootstrap {int(100 * float(extra.get('confidence', 0.95)))}% intervals.",
+        "",
+        "Protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()),
+        "",
+        "| method | " + " | ".join(_label(c) for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for method, row in results.items():
+        lines.append(
+            f"| {method} | " + " | ".join(fmt(row.get(c), _digits(c)) for c in columns) + " |"
+        )
+    skipped = extra.get("skipped_methods") or []
+    if skipped:
+        lines += ["", "Skipped methods (not applicable to this model):", ""]
+        lines += [f"- {s['method']}: {s['reason']}" for s in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(
+    out: Path, results: Results, protocol: dict[str, Any], extra: dict[str, Any]
+) -> list[Path]:
+    """``metrics.json``, ``metrics.csv`` and ``metrics.md``: one row per method."""
+    write_json_atomic(out / "metrics.json", {"protocol": protocol, **extra, "methods": results})
+    columns = sorted({k for row in results.values() for k in row}, key=metric_order)
+    write_text_atomic(out / "metrics.csv", _csv_text(results, columns))
+    write_text_atomic(out / "metrics.md", _markdown(results, columns, protocol, extra))
+    return [out / "metrics.json", out / "metrics.csv", out / "metrics.md"]
+
+
+def _row_title(rec: Mapping[str, Any], names: list[str] | None, top: int) -> str:
+    def name(i: int) -> str:
+        return names[i] if names and 0 <= i < len(names) else str(i)
+
+    lines = [f"{name(c)} {p:.2f}" for c, p in rec["top5"][:top]]
+    if rec["label"] >= 0:
+        lines.append(f"(true: {name(rec['label'])})")
+    return "\n".join(lines)
+
+
+def write_figures(
+    out: Path,
+    module: ExplainModule,
+    results: Results,
+    class_names: list[str] | None,
+    top: int,
+) -> list[Path]:
+    """Figure grid, deletion/insertion curves and the metric bar chart."""
+    from attncam.viz import curves_plot, explanation_grid, metric_bars
+
+    paths = []
+    rows = module.rows
+    if rows.images:
+        masks = torch.stack(rows.masks)
+        paths.append(
+            explanation_grid(
+                torch.stack(rows.images),
+                {n: torch.stack(v) for n, v in rows.maps.items()},
+                out / "figures" / "grid.png",
+                row_titles=[_row_title(r, class_names, top) for r in rows.records],
+                masks=masks if masks.any() else None,
+            )
+        )
+    if module.curves:
+        aucs = {
+            n: (
+                results[n].get("deletion", {}).get("value"),
+                results[n].get("insertion", {}).get("value"),
+            )
+            for n in module.curves
+        }
+        paths.append(curves_plot(module.curves, out / "figures" / "curves.png", aucs=aucs))  # type: ignore[arg-type]
+    metrics = [m for m in MAIN_METRICS if any(m in row for row in results.values())]
+    if metrics:
+        table = {
+            n: {m: (r[m]["value"], r[m].get("low"), r[m].get("high")) for m in metrics if m in r}
+            for n, r in results.items()
+        }
+        path = out / "figures" / "metrics.png"
+        paths.append(metric_bars(table, metrics, path, lower_is_better=LOWER_IS_BETTER))
+    return paths
+
+
+def write_maps(out: Path, module: ExplainModule) -> list[Path]:
+    """``maps.npz`` (float16, one array per method under its slug) when maps were kept."""
+    if not (module.save_maps and any(module.all_maps.values())):
+        return []
+    arrays = {slug(n): torch.cat(v).numpy() for n, v in module.all_maps.items() if v}
+    return [save_npz_atomic(out / "maps.npz", **arrays)]
+
+
+def write_predictions(
+    out: Path, module: ExplainModule, paths: list[str] | None, class_names: list[str] | None
+) -> list[Path]:
+    """``predictions.json``: per image its id, file, label, target, prediction and top-5."""
+    rows = []
+    for rec in module.records:
+        i = rec["id"]
+        rows.append(
+            {
+                "index": i,
+                "file": paths[i] if paths and i < len(paths) else None,
+                **rec,
+                "top5_names": [class_names[c] if class_names else str(c) for c, _ in rec["top5"]],
+            }
+        )
+    return [write_json_atomic(out / "predictions.json", rows)]
+
+
+def write_per_image(
+    out: Path, per_image: Mapping[str, Mapping[str, Mapping[int, float]]], ids: list[int]
+) -> list[Path]:
+    """``per_image.json``: ``{"image_ids": [...], "methods": {method: {metric: {id: value}}}}``."""
+    methods = {
+        m: {k: {str(i): float(v) for i, v in sorted(vals.items())} for k, vals in row.items()}
+        for m, row in per_image.items()
+    }
+    return [write_json_atomic(out / "per_image.json", {"image_ids": ids, "methods": methods})]
+
+
+def log_wandb(loggers: list[Any], results: Results, files: list[Path]) -> None:
+    """The table, the figures and every value as summary, for each W&B logger."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if not isinstance(lg, WandbLogger):
+            continue
+        try:
+            import wandb
+
+            cols = sorted({k for r in results.values() for k in r}, key=metric_order)
+            rows = [[m, *[(r.get(c) or {}).get("value") for c in cols]] for m, r in results.items()]
+            lg.experiment.log({"explain/table": wandb.Table(columns=["method", *cols], data=rows)})
+            for p in files:
+                if p.suffix == ".png":
+                    lg.experiment.log({f"explain/{p.stem}": wandb.Image(str(p))})
+            summary = {
+                f"explain/{m}/{c}": (r.get(c) or {}).get("value")
+                for m, r in results.items()
+                for c in r
+            }
+            lg.experiment.summary.update(summary)
+        except Exception as err:  # a logging failure must not lose the written results
+            log.warning("W&B logging failed: %s", err)
