@@ -20,7 +20,6 @@ does); the engine maps the result back to pixel space before calling the model.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,93 +30,19 @@ import torch
 from torch import Tensor, nn
 
 from attncam.metrics import functional as MF
+from attncam.metrics.protocol import (
+    MASK_SPACES,
+    PERCENTAGE_VARIANTS,
+    TARGETS,
+    EvalProtocol,
+    check_choice,
+)
+from attncam.runtime import IMAGENET_MEAN, IMAGENET_STD, eval_mode
 
 log = logging.getLogger(__name__)
 
-MASK_SPACES: tuple[str, ...] = ("pixel", "normalized")
-TARGETS: tuple[str, ...] = ("predicted", "label")
-PERCENTAGE_VARIANTS: tuple[str, ...] = ("binary", "soft", "gain")
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} '{value}'; choose one of: {', '.join(choices)}")
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """Evaluation protocol, written next to every result (SPEC.md, "Metrics"; issue 4, part 2).
-
-    Attributes:
-        mask_space: ``pixel`` (``E = L * I`` on [0, 1] images) or ``normalized``
-            (``E = L * (I - mean) / std``, as torchcam).
-        score: ``softmax`` (target probability) or ``logit``.
-        target: ``predicted`` (top-1 on the full image) or ``label`` (ground truth).
-        steps: Deletion/insertion steps (Petsiuk et al. 2018).
-        blur_kernel: Insertion blur kernel size (odd); ``0`` inserts into the deletion baseline.
-        blur_sigma: Insertion blur standard deviation in pixels.
-        only_correct: Keep only images whose top-1 prediction equals the label.
-        percentages: Percentage-in levels ``p`` (An & Joe 2022).
-        percentage_variant: ``binary`` (``B_p * I``), ``soft`` (``B_p * L * I``) or ``gain``
-            (``B_p * I`` scored by ``max(0, O - Y) / Y``).
-        road_percentages: ROAD removal percentages (Rong et al. 2022).
-        road_noise: ROAD imputation noise standard deviation (in the mask space's units).
-        seed: Seed of every random draw (ROAD noise, bootstrap).
-    """
-
-    mask_space: str = "pixel"
-    score: str = "softmax"
-    target: str = "predicted"
-    steps: int = 20
-    blur_kernel: int = 11
-    blur_sigma: float = 5.0
-    only_correct: bool = False
-    percentages: tuple[float, ...] = (5, 10, 20, 25, 50)
-    percentage_variant: str = "binary"
-    road_percentages: tuple[float, ...] = (10, 30, 50, 70, 90)
-    road_noise: float = 0.01
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _choice("mask_space", self.mask_space, MASK_SPACES)
-        _choice("score", self.score, MF.SCORE_CHOICES)
-        _choice("target", self.target, TARGETS)
-        _choice("percentage_variant", self.percentage_variant, PERCENTAGE_VARIANTS)
-        if int(self.steps) < 1:
-            raise ValueError(f"steps must be >= 1; got {self.steps}")
-        if self.blur_kernel != 0 and (self.blur_kernel < 1 or self.blur_kernel % 2 == 0):
-            raise ValueError(f"blur_kernel must be 0 (no blur) or odd >= 1; got {self.blur_kernel}")
-        if self.blur_kernel != 0 and self.blur_sigma <= 0:
-            raise ValueError(f"blur_sigma must be > 0; got {self.blur_sigma}")
-        # Accept lists from YAML; store tuples so the protocol stays hashable.
-        object.__setattr__(self, "percentages", tuple(float(p) for p in self.percentages))
-        object.__setattr__(self, "road_percentages", tuple(float(p) for p in self.road_percentages))
-        bad = [p for p in self.percentages if not 0 < p <= 100]
-        if bad:
-            raise ValueError(f"percentages must lie in (0, 100]; got {bad}")
-        bad = [p for p in self.road_percentages if not 0 < p < 100]
-        if bad:
-            raise ValueError(f"road_percentages must lie in (0, 100); got {bad}")
-        if self.road_noise < 0:
-            raise ValueError(f"road_noise must be >= 0; got {self.road_noise}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python view (lists for tuples), to write beside every result."""
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Protocol:
-        """Build from a mapping (e.g. a Hydra ``DictConfig``); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown protocol keys {unknown}; valid keys: {', '.join(sorted(names))}"
-            )
-        return cls(**{k: (tuple(v) if isinstance(v, list | tuple) else v) for k, v in d.items()})
+#: Old name of ``EvalProtocol`` (it shadowed ``typing.Protocol``), kept so existing imports work.
+Protocol = EvalProtocol
 
 
 @dataclass
@@ -195,18 +120,6 @@ class _Jobs:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 class Perturber:
     """Batched engine for every extra model call of the metrics.
 
@@ -230,7 +143,7 @@ class Perturber:
     def __init__(
         self,
         model: nn.Module | Callable[[Tensor], Tensor],
-        protocol: Protocol | None = None,
+        protocol: EvalProtocol | None = None,
         chunk_size: int = 64,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
@@ -239,7 +152,7 @@ class Perturber:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
         self.model = model
-        self.protocol = protocol or Protocol()
+        self.protocol = protocol or EvalProtocol()
         self.chunk_size = int(chunk_size)
         self.mean = tuple(mean or getattr(model, "input_mean", IMAGENET_MEAN))
         self.std = tuple(std or getattr(model, "input_std", IMAGENET_STD))
@@ -264,7 +177,8 @@ class Perturber:
     def _state_key(self) -> tuple[tuple[int, int], ...]:
         assert isinstance(self.model, nn.Module)
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        return tuple((id(t), t._version) for t in tensors)
+        # torch's in-place version counter has no public accessor.
+        return tuple((id(t), t._version) for t in tensors)  # noqa: SLF001
 
     def _inference_model(self) -> nn.Module | Callable[[Tensor], Tensor]:
         """The model to call: the original, or its (cached, fresh) optimised inference copy."""
@@ -446,7 +360,7 @@ class Perturber:
         base = self._base(images, base, labels)
         pcts = self.protocol.percentages if percentages is None else tuple(percentages)
         variant = variant or self.protocol.percentage_variant
-        _choice("percentage_variant", variant, PERCENTAGE_VARIANTS)
+        check_choice("percentage_variant", variant, PERCENTAGE_VARIANTS)
         per = 1 + len(pcts)
 
         # Pairs (method, image) with finite maps; each expands into `per` jobs: E, then each B_p.
@@ -742,3 +656,20 @@ class Perturber:
 
         sc = self._run(_Jobs(base.targets[job_img], build)).view(b, len(ys), len(xs))
         return base.scores.to(sc.dtype)[:, None, None] - sc
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MASK_SPACES",
+    "PERCENTAGE_VARIANTS",
+    "TARGETS",
+    "BaseScores",
+    "ConfidenceTable",
+    "Curves",
+    "EvalProtocol",
+    "Perturber",
+    "Protocol",
+    "RoadScores",
+    "eval_mode",
+]
