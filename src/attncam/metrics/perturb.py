@@ -485,20 +485,9 @@ class Perturber:
         any_finite = torch.stack(list(finites.values())).any(dim=0)
         start_ins = deleted.clone()
         if use_blur:
-            idx = any_finite.nonzero().flatten()
-            start_ins = images.new_full((b,), float("nan"))
-            sub_t = base.targets[idx]
-            start_ins[idx] = self._run(_Jobs(sub_t, lambda a, z: blurred[idx[a:z]]))
+            start_ins = self._scores_of_images(blurred, base.targets, any_finite)
 
-        # One stream: for every (method, finite image), the interior deletion then insertion points.
-        ranks_l, img_l, key_l = [], [], []
-        for name, m in methods.items():
-            ii = finites[name].nonzero().flatten()
-            if ii.numel():
-                ranks_l.append(MF.saliency_ranks(m[ii]))
-                img_l.append(ii)
-                key_l += [(name, i) for i in ii.tolist()]
-        per = 2 * len(interior)
+        key_l, ranks, img_of = self._ranked_pairs(methods, finites)
         curves = {
             n: Curves(
                 fractions,
@@ -511,35 +500,85 @@ class Perturber:
             c = curves[name]
             c.deletion[i, 0], c.deletion[i, s] = y[i], deleted[i]
             c.insertion[i, 0], c.insertion[i, s] = start_ins[i], y[i]
-        if key_l and per > 0:
-            ranks = torch.cat(ranks_l)  # (Q, H*W)
-            img_of = torch.cat(img_l)  # (Q,)
+        if key_l and interior:
             n_int = len(interior)
-            cnt = torch.tensor(interior, device=images.device, dtype=torch.long)
-            job_pair = torch.arange(ranks.shape[0], device=images.device).repeat_interleave(per)
-            job_cnt = cnt.repeat(2 * ranks.shape[0])
-            job_ins = (torch.arange(per, device=images.device) >= n_int).repeat(ranks.shape[0])
-            flat_images = images.flatten(2)
-            flat_blur = blurred.flatten(2)
-            zero_flat = self.from_mask_space(torch.zeros_like(images[:1])).flatten(2)
-
-            def build(start: int, stop: int) -> Tensor:
-                pair = job_pair[start:stop]
-                im = img_of[pair]
-                top = ranks[pair] < job_cnt[start:stop, None]  # (n, H*W): already perturbed
-                ins = job_ins[start:stop, None]
-                src = flat_images[im]
-                # deletion keeps the image where not yet removed; insertion where already inserted
-                take_image = torch.where(ins, top, ~top)[:, None]
-                other = torch.where(ins[:, :, None], flat_blur[im], zero_flat.expand_as(src))
-                return torch.where(take_image, src, other).view(-1, 3, h, w)
-
-            sc = self._run(_Jobs(base.targets[img_of[job_pair]], build)).view(-1, per)
+            sc = self._interior_scores(images, blurred, base.targets, ranks, img_of, interior)
             for row, (name, i) in enumerate(key_l):
                 c = curves[name]
                 c.deletion[i, 1:s] = sc[row, :n_int]
                 c.insertion[i, 1:s] = sc[row, n_int:]
         return curves
+
+    def _scores_of_images(self, images: Tensor, targets: Tensor, which: Tensor) -> Tensor:
+        """Scores of ``images[which]`` (``(B,)``, NaN elsewhere): one forward per chosen image."""
+        idx = which.nonzero().flatten()
+        out = images.new_full((images.shape[0],), float("nan"))
+        out[idx] = self._run(_Jobs(targets[idx], lambda a, z: images[idx[a:z]]))
+        return out
+
+    @staticmethod
+    def _ranked_pairs(
+        methods: Mapping[str, Tensor], finites: Mapping[str, Tensor]
+    ) -> tuple[list[tuple[str, int]], Tensor | None, Tensor | None]:
+        """``(method, image)`` pairs with a finite map, their pixel ranks ``(Q, H*W)`` and images
+        ``(Q,)`` (None when there is no pair)."""
+        ranks_l, img_l, key_l = [], [], []
+        for name, m in methods.items():
+            ii = finites[name].nonzero().flatten()
+            if ii.numel():
+                ranks_l.append(MF.saliency_ranks(m[ii]))
+                img_l.append(ii)
+                key_l += [(name, i) for i in ii.tolist()]
+        if not key_l:
+            return key_l, None, None
+        return key_l, torch.cat(ranks_l), torch.cat(img_l)
+
+    def _interior_scores(
+        self,
+        images: Tensor,
+        blurred: Tensor,
+        targets: Tensor,
+        ranks: Tensor | None,
+        img_of: Tensor | None,
+        interior: list[int],
+    ) -> Tensor:
+        """Interior deletion then insertion points of every pair, in one stream of jobs.
+
+        Args:
+            images: ``(B, 3, H, W)`` pixel images.
+            blurred: ``(B, 3, H, W)`` insertion start images (pixel space).
+            targets: ``(B,)`` target classes.
+            ranks: ``(Q, H*W)`` saliency ranks of each pair's map (0 = most salient).
+            img_of: ``(Q,)`` image of each pair.
+            interior: Pixels perturbed at each interior point.
+
+        Returns:
+            ``(Q, 2 * len(interior))``: deletion points, then insertion points.
+        """
+        assert ranks is not None and img_of is not None
+        _, _, h, w = images.shape
+        n_int = len(interior)
+        per = 2 * n_int
+        cnt = torch.tensor(interior, device=images.device, dtype=torch.long)
+        job_pair = torch.arange(ranks.shape[0], device=images.device).repeat_interleave(per)
+        job_cnt = cnt.repeat(2 * ranks.shape[0])
+        job_ins = (torch.arange(per, device=images.device) >= n_int).repeat(ranks.shape[0])
+        flat_images = images.flatten(2)
+        flat_blur = blurred.flatten(2)
+        zero_flat = self.from_mask_space(torch.zeros_like(images[:1])).flatten(2)
+
+        def build(start: int, stop: int) -> Tensor:
+            pair = job_pair[start:stop]
+            im = img_of[pair]
+            top = ranks[pair] < job_cnt[start:stop, None]  # (n, H*W): already perturbed
+            ins = job_ins[start:stop, None]
+            src = flat_images[im]
+            # deletion keeps the image where not yet removed; insertion where already inserted
+            take_image = torch.where(ins, top, ~top)[:, None]
+            other = torch.where(ins[:, :, None], flat_blur[im], zero_flat.expand_as(src))
+            return torch.where(take_image, src, other).view(-1, 3, h, w)
+
+        return self._run(_Jobs(targets[img_of[job_pair]], build)).view(-1, per)
 
     # ------------------------------------------------------------------ ROAD
 
