@@ -1,4 +1,4 @@
-"""attncam.metrics: faithfulness and localisation metrics of saliency maps (SPEC.md, "Metrics").
+"""attncam.metrics: faithfulness and localisation metrics of saliency maps (docs/METHODS.md).
 
 Every metric is a ``torchmetrics.Metric`` fed with scores and maps only, keeping per-image values
 so that ``compute()`` returns the mean with its N and a bootstrap 95% interval
@@ -48,17 +48,23 @@ from attncam.metrics.perturb import (
     Protocol,
     RoadScores,
 )
+from attncam.metrics.protocol import EvalProtocol
 from attncam.metrics.sanity import (
     SanityCheck,
+    block_layers,
     cascading_randomization,
     randomizable_layers,
     run_sanity_check,
 )
 from attncam.metrics.stats import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_NUM_RESAMPLES,
     SKIP_REASONS,
     MetricResult,
     PerImageMetric,
     bootstrap_ci,
+    holm,
+    paired_bootstrap,
     summarize,
 )
 
@@ -100,8 +106,8 @@ def build_metrics(cfg: Mapping[str, Any]) -> tuple[Protocol, dict[str, Metric]]:
     if unknown:
         raise ValueError(f"unknown metrics {unknown}; choose from: {', '.join(METRIC_KEYS)}")
     common = {
-        "num_resamples": int(cfg.get("num_resamples", 1000)),
-        "confidence": float(cfg.get("confidence", 0.95)),
+        "num_resamples": int(cfg.get("num_resamples", DEFAULT_NUM_RESAMPLES)),
+        "confidence": float(cfg.get("confidence", DEFAULT_CONFIDENCE)),
         "seed": protocol.seed,
     }
     occ = dict(cfg.get("occlusion", {}))
@@ -127,6 +133,8 @@ def build_metrics(cfg: Mapping[str, Any]) -> tuple[Protocol, dict[str, Metric]]:
 
 
 __all__ = [
+    "DEFAULT_CONFIDENCE",
+    "DEFAULT_NUM_RESAMPLES",
     "METRIC_KEYS",
     "ROAD",
     "SKIP_REASONS",
@@ -137,6 +145,7 @@ __all__ = [
     "Curves",
     "DeletionInsertion",
     "EnergyPointingGame",
+    "EvalProtocol",
     "IncreaseInConfidence",
     "MaskIoU",
     "MetricResult",
@@ -149,10 +158,13 @@ __all__ = [
     "RoadScores",
     "SanityCheck",
     "WinPercentage",
+    "block_layers",
     "bootstrap_ci",
     "build_metrics",
     "cascading_randomization",
+    "holm",
     "largest_component_boxes",
+    "paired_bootstrap",
     "randomizable_layers",
     "run_sanity_check",
     "summarize",
