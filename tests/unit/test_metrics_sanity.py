@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from attncam.metrics import (
     SanityCheck,
+    block_layers,
     cascading_randomization,
     randomizable_layers,
     run_sanity_check,
@@ -77,3 +81,101 @@ def test_constant_maps_count_and_bad_layers() -> None:
     assert metric.constant_map_counts() == {"a": 0, "b": 2}
     with pytest.raises(ValueError, match="expected"):
         metric.update(orig, {"b": orig, "a": orig})
+
+
+def _block_groups_reference(net: nn.Module) -> list[str]:
+    """``block_groups`` of scripts/reproduce.py before it moved here as ``block_layers``."""
+    groups: list[str] = [net.classifier_name]
+    head = net.get_submodule("head")
+    for name, m in reversed(list(head.named_modules())):
+        full = f"head.{name}"
+        if name and full != groups[0] and any(True for _ in m.parameters(recurse=False)):
+            groups.append(full)
+    for name, child in reversed(list(net.get_submodule("features").named_children())):
+        subs = list(child.named_children())
+        if isinstance(child, nn.Sequential) and len(subs) > 1:
+            for sub, m in reversed(subs):
+                if any(True for _ in m.parameters()):
+                    groups.append(f"features.{name}.{sub}")
+        elif any(True for _ in child.parameters()):
+            groups.append(f"features.{name}")
+    return groups
+
+
+def _reset_reference(module: nn.Module, seed: int) -> None:
+    """``_reset`` of scripts/reproduce.py (whole blocks, BatchNorm statistics included)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in module.modules():
+            if hasattr(m, "reset_parameters") and any(True for _ in m.parameters(recurse=False)):
+                m.reset_parameters()
+            if isinstance(m, _BatchNorm):
+                m.reset_running_stats()
+
+
+def _two_maps(model: nn.Module, images: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    return {
+        "grad": input_gradient(model, images, targets),
+        "image": image_only(model, images, targets),
+    }
+
+
+def test_block_randomisation_is_the_reproduction_loop_bit_for_bit() -> None:
+    from attncam.models.net import AttentionNet
+
+    torch.manual_seed(0)
+    net = AttentionNet("tiny", 4, attention="cbam").eval()
+    with torch.no_grad():  # non-default BatchNorm statistics, so resetting them shows
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    images = torch.rand(2, 3, 32, 32)
+    targets = net(images).argmax(1)
+    groups = block_layers(net, net.classifier_name)
+    assert groups == _block_groups_reference(net)
+    assert groups[0] == "head.fc" and groups[-1] == "features.conv1" and len(groups) >= 5
+    # The old loop: one deep copy, whole blocks reset cumulatively, seed + j.
+    randomized = copy.deepcopy(net)
+    expected = []
+    for j, g in enumerate(groups):
+        _reset_reference(randomized.get_submodule(g), 7 + j)
+        expected.append((g, _two_maps(randomized, images, targets)))
+    rng = torch.get_rng_state()
+    got = list(cascading_randomization(net, _two_maps, images, targets, groups, 7, recursive=True))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert [g for g, _ in got] == groups
+    for (g, want), (_, have) in zip(expected, got, strict=True):
+        for k in want:
+            assert torch.equal(want[k], have[k]), (g, k)
+    with pytest.raises(ValueError, match="block_layers needs 'features', 'head'"):
+        block_layers(_toy(), "6")
+
+
+def test_layer_randomisation_is_unchanged_bit_for_bit() -> None:
+    model = _toy()
+    images, targets = torch.rand(3, 3, 16, 16), torch.tensor([0, 1, 2])
+    layers = randomizable_layers(model)
+    randomized = copy.deepcopy(model)
+    expected = []
+    for j, name in enumerate(layers):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3 + j)
+            randomized.get_submodule(name).reset_parameters()
+        expected.append(input_gradient(randomized, images, targets))
+    got = list(cascading_randomization(model, input_gradient, images, targets, seed=3))
+    assert all(torch.equal(a, b) for a, (_, b) in zip(expected, got, strict=True))
+    blocks = list(
+        cascading_randomization(model, input_gradient, images, targets, seed=3, recursive=True)
+    )  # leaf layers: recursive re-initialises the same parameters
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, blocks, strict=True))
+
+
+def test_sanity_check_per_image_by_layer() -> None:
+    metric = SanityCheck(["a", "b"])
+    orig = torch.rand(3, 12, 12)
+    keep = torch.tensor([True, False, True])
+    metric.update(orig, {"a": orig, "b": orig.flip(-1)}, keep, ids=torch.tensor([5, 6, 7]))
+    per = metric.per_image()
+    assert list(per) == ["spearman@a", "ssim@a", "spearman@b", "ssim@b"]
+    assert list(per["spearman@a"]) == [5, 7] and per["spearman@a"][5] == pytest.approx(1.0)

@@ -1,4 +1,4 @@
-"""Confidence-based faithfulness metrics: Average Drop, Increase in Confidence, Win %, Percentage-in.
+"""Confidence-based faithfulness: Average Drop, Increase in Confidence, Win %, Percentage-in.
 
 Each is a ``torchmetrics.Metric`` fed with scores only: ``Y`` on the full image and ``O`` on the
 explanation ``E = L * I`` (or on a top-p% image), both produced by
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from attncam.metrics import functional as MF
-from attncam.metrics.perturb import PERCENTAGE_VARIANTS
+from attncam.metrics.protocol import PERCENTAGE_VARIANTS
 from attncam.metrics.stats import MetricResult, PerImageMetric, keep_mask
 
 
@@ -30,13 +30,16 @@ class _ScorePairMetric(PerImageMetric):
     def _per_image(self, base: Tensor, masked: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def update(self, base: Tensor, masked: Tensor, keep: Tensor | None = None) -> None:
+    def update(
+        self, base: Tensor, masked: Tensor, keep: Tensor | None = None, *, ids: Tensor | None = None
+    ) -> None:
         """Add a batch.
 
         Args:
             base: ``Y``, scores on the full images, shape ``(B,)``.
             masked: ``O``, scores on the explanations, shape ``(B,)`` (NaN for a skipped map).
             keep: ``(B,)`` bool, False for images the protocol excludes (``BaseScores.keep``).
+            ids: ``(B,)`` image ids; default the metric's running image counter.
         """
         finite = MF.check_scores(base, name="base") & MF.check_scores(
             masked, base.shape[0], "masked"
@@ -47,11 +50,15 @@ class _ScorePairMetric(PerImageMetric):
         if self._needs_positive_base:
             checks.append(("non_positive_base", torch.nan_to_num(base, nan=1.0) > 0))
         valid = self._filter(torch.ones_like(finite), checks)
-        self.values.append(self._per_image(base[valid].float(), masked[valid].float()))
+        per_image = self._per_image(base[valid].float(), masked[valid].float())
+        self._append_valid(ids, valid, values=per_image)
+
+    def _columns(self) -> dict[str, Tensor]:
+        return {self._name: self.values()}
 
     def compute(self) -> MetricResult:
         """Mean over images with N and bootstrap interval."""
-        return self._summary(self._name, self._cat("values"))
+        return self._summary(self._name, self.values())
 
 
 class AverageDrop(_ScorePairMetric):
@@ -89,7 +96,7 @@ class IncreaseInConfidence(_ScorePairMetric):
 
 
 class WinPercentage(PerImageMetric):
-    """Win % of method a over method b (SPEC.md): share of images where a's drop is smaller.
+    """Win % of method a over method b: share of images where a's drop ``Y - O`` is smaller.
 
     A tie counts half. Higher is better for method a.
 
@@ -104,7 +111,13 @@ class WinPercentage(PerImageMetric):
         self._add_values("values")
 
     def update(
-        self, base: Tensor, masked_a: Tensor, masked_b: Tensor, keep: Tensor | None = None
+        self,
+        base: Tensor,
+        masked_a: Tensor,
+        masked_b: Tensor,
+        keep: Tensor | None = None,
+        *,
+        ids: Tensor | None = None,
     ) -> None:
         """Add a batch.
 
@@ -113,6 +126,7 @@ class WinPercentage(PerImageMetric):
             masked_a: ``O`` of method a, shape ``(B,)``.
             masked_b: ``O`` of method b, shape ``(B,)``.
             keep: ``(B,)`` bool, False for excluded images.
+            ids: ``(B,)`` image ids; default the metric's running image counter.
         """
         b = base.shape[0]
         finite = (
@@ -122,13 +136,15 @@ class WinPercentage(PerImageMetric):
         )
         checks = [("excluded", keep_mask(keep, base)), ("non_finite", finite)]
         valid = self._filter(torch.ones_like(finite), checks)
-        self.values.append(
-            MF.win(base[valid].float(), masked_a[valid].float(), masked_b[valid].float())
-        )
+        per_image = MF.win(base[valid].float(), masked_a[valid].float(), masked_b[valid].float())
+        self._append_valid(ids, valid, values=per_image)
+
+    def _columns(self) -> dict[str, Tensor]:
+        return {"win": self.values()}
 
     def compute(self) -> MetricResult:
         """Win % of a over b with N and bootstrap interval."""
-        return self._summary("win", self._cat("values"))
+        return self._summary("win", self.values())
 
 
 class PercentageIn(PerImageMetric):
@@ -165,13 +181,16 @@ class PercentageIn(PerImageMetric):
         self.variant = variant
         self._add_values("values")
 
-    def update(self, base: Tensor, scores: Tensor, keep: Tensor | None = None) -> None:
+    def update(
+        self, base: Tensor, scores: Tensor, keep: Tensor | None = None, *, ids: Tensor | None = None
+    ) -> None:
         """Add a batch.
 
         Args:
             base: ``Y``, shape ``(B,)``.
             scores: ``O`` on the top-p% images, shape ``(B, P)``.
             keep: ``(B,)`` bool, False for excluded images.
+            ids: ``(B,)`` image ids; default the metric's running image counter.
         """
         finite = MF.check_scores(base, name="base") & MF.check_scores(
             scores, base.shape[0], "scores"
@@ -187,14 +206,15 @@ class PercentageIn(PerImageMetric):
         valid = self._filter(torch.ones_like(finite), checks)
         y, o = base[valid].float(), scores[valid].float()
         if self.variant == "gain":
-            self.values.append(MF.confidence_gain(y, o))
+            per_image = MF.confidence_gain(y, o)
         else:
-            self.values.append(MF.increase_in_confidence(y, o))
+            per_image = MF.increase_in_confidence(y, o)
+        self._append_valid(ids, valid, values=per_image)
+
+    def _columns(self) -> dict[str, Tensor]:
+        values = self.values().reshape(-1, len(self.percentages))
+        return {f"percentage_in@{p:g}": values[:, j] for j, p in enumerate(self.percentages)}
 
     def compute(self) -> dict[str, MetricResult]:
         """``{"percentage_in@5": MetricResult, ...}``, one entry per level."""
-        values = self._cat("values").reshape(-1, len(self.percentages))
-        return {
-            f"percentage_in@{p:g}": self._summary(f"percentage_in@{p:g}", values[:, j])
-            for j, p in enumerate(self.percentages)
-        }
+        return self._summaries()

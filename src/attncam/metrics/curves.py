@@ -36,13 +36,16 @@ class DeletionInsertion(PerImageMetric):
             self._add_values(name)
         self.fractions: Tensor | None = None
 
-    def update(self, curves: Curves, keep: Tensor | None = None) -> None:
+    def update(
+        self, curves: Curves, keep: Tensor | None = None, *, ids: Tensor | None = None
+    ) -> None:
         """Add a batch of curves.
 
         Args:
             curves: ``Curves`` with ``fractions (S+1,)``, ``deletion (B, S+1)``,
                 ``insertion (B, S+1)`` (NaN rows for skipped maps).
             keep: ``(B,)`` bool, False for excluded images.
+            ids: ``(B,)`` image ids; default the metric's running image counter.
         """
         d, i, f = curves.deletion, curves.insertion, curves.fractions
         if d.ndim != 2 or d.shape != i.shape or f.shape != (d.shape[1],):
@@ -63,17 +66,21 @@ class DeletionInsertion(PerImageMetric):
         checks = [("excluded", keep_mask(keep, d)), ("non_finite", finite)]
         valid = self._filter(torch.ones_like(finite), checks)
         d, i = d[valid].float(), i[valid].float()
-        self.deletion_curve.append(d)
-        self.insertion_curve.append(i)
-        self.deletion_auc.append(MF.curve_auc(d, f))
-        self.insertion_auc.append(MF.curve_auc(i, f))
+        self._append_valid(
+            ids,
+            valid,
+            deletion_curve=d,
+            insertion_curve=i,
+            deletion_auc=MF.curve_auc(d, f),
+            insertion_auc=MF.curve_auc(i, f),
+        )
+
+    def _columns(self) -> dict[str, Tensor]:
+        return {"deletion": self.values("deletion_auc"), "insertion": self.values("insertion_auc")}
 
     def compute(self) -> dict[str, MetricResult]:
         """``{"deletion": MetricResult, "insertion": MetricResult}`` (AUCs)."""
-        return {
-            "deletion": self._summary("deletion", self._cat("deletion_auc")),
-            "insertion": self._summary("insertion", self._cat("insertion_auc")),
-        }
+        return self._summaries()
 
     def mean_curves(self) -> dict[str, Tensor]:
         """Mean curves for plotting: ``fractions``, ``deletion``, ``insertion``, each ``(S+1,)``.
@@ -86,8 +93,8 @@ class DeletionInsertion(PerImageMetric):
         with self.sync_context(
             should_sync=self._to_sync, distributed_available=self.distributed_available_fn
         ):
-            d = self._cat("deletion_curve").reshape(-1, n)
-            i = self._cat("insertion_curve").reshape(-1, n)
+            d = self.values("deletion_curve").reshape(-1, n)
+            i = self.values("insertion_curve").reshape(-1, n)
         if d.shape[0] == 0:
             raise ValueError(f"no valid curve to average (skipped: {self.skipped_counts()})")
         return {"fractions": self.fractions, "deletion": d.mean(0), "insertion": i.mean(0)}
@@ -117,12 +124,15 @@ class ROAD(PerImageMetric):
         self._add_values("morf")
         self._add_values("lerf")
 
-    def update(self, road: RoadScores, keep: Tensor | None = None) -> None:
+    def update(
+        self, road: RoadScores, keep: Tensor | None = None, *, ids: Tensor | None = None
+    ) -> None:
         """Add a batch.
 
         Args:
             road: ``RoadScores`` with ``morf`` and ``lerf`` of shape ``(B, P)``.
             keep: ``(B,)`` bool, False for excluded images.
+            ids: ``(B,)`` image ids; default the metric's running image counter.
         """
         m, le = road.morf, road.lerf
         if tuple(float(p) for p in road.percentages) != self.percentages:
@@ -138,22 +148,24 @@ class ROAD(PerImageMetric):
         finite = MF.check_scores(m, name="morf") & MF.check_scores(le, name="lerf")
         checks = [("excluded", keep_mask(keep, m)), ("non_finite", finite)]
         valid = self._filter(torch.ones_like(finite), checks)
-        self.morf.append(m[valid].float())
-        self.lerf.append(le[valid].float())
+        self._append_valid(ids, valid, morf=m[valid].float(), lerf=le[valid].float())
+
+    def _columns(self) -> dict[str, Tensor]:
+        p_n = len(self.percentages)
+        m = self.values("morf").reshape(-1, p_n)
+        le = self.values("lerf").reshape(-1, p_n)
+        out: dict[str, Tensor] = {}
+        for j, p in enumerate(self.percentages):
+            out[f"morf@{p:g}"] = m[:, j]
+            out[f"lerf@{p:g}"] = le[:, j]
+        out["morf"] = m.mean(1)
+        out["lerf"] = le.mean(1)
+        out["lerf_minus_morf"] = le.mean(1) - m.mean(1)
+        return out
 
     def compute(self) -> dict[str, MetricResult]:
         """``morf@p``, ``lerf@p`` per level, ``morf``, ``lerf`` and ``lerf_minus_morf``."""
-        p_n = len(self.percentages)
-        m = self._cat("morf").reshape(-1, p_n)
-        le = self._cat("lerf").reshape(-1, p_n)
-        out: dict[str, MetricResult] = {}
-        for j, p in enumerate(self.percentages):
-            out[f"morf@{p:g}"] = self._summary(f"morf@{p:g}", m[:, j])
-            out[f"lerf@{p:g}"] = self._summary(f"lerf@{p:g}", le[:, j])
-        out["morf"] = self._summary("morf", m.mean(1))
-        out["lerf"] = self._summary("lerf", le.mean(1))
-        out["lerf_minus_morf"] = self._summary("lerf_minus_morf", le.mean(1) - m.mean(1))
-        return out
+        return self._summaries()
 
 
 class OcclusionFaithfulness(PerImageMetric):
@@ -176,13 +188,21 @@ class OcclusionFaithfulness(PerImageMetric):
         self.window, self.stride = int(window), int(stride)
         self._add_values("values")
 
-    def update(self, maps: Tensor, occlusion: Tensor, keep: Tensor | None = None) -> None:
+    def update(
+        self,
+        maps: Tensor,
+        occlusion: Tensor,
+        keep: Tensor | None = None,
+        *,
+        ids: Tensor | None = None,
+    ) -> None:
         """Add a batch.
 
         Args:
             maps: ``(B, H, W)`` saliency maps.
             occlusion: ``(B, gh, gw)`` score drops from ``Perturber.occlusion_sensitivity``.
             keep: ``(B,)`` bool, False for excluded images.
+            ids: ``(B,)`` image ids; default the metric's running image counter.
         """
         finite = MF.check_maps(maps)
         pooled = F.avg_pool2d(maps[:, None], self.window, self.stride)[:, 0]
@@ -195,8 +215,11 @@ class OcclusionFaithfulness(PerImageMetric):
         rho = MF.spearman(torch.nan_to_num(pooled), torch.nan_to_num(occlusion))
         checks = [("excluded", keep_mask(keep, maps)), ("non_finite", finite & torch.isfinite(rho))]
         valid = self._filter(torch.ones_like(finite), checks)
-        self.values.append(rho[valid])
+        self._append_valid(ids, valid, values=rho[valid])
+
+    def _columns(self) -> dict[str, Tensor]:
+        return {"occlusion_faithfulness": self.values()}
 
     def compute(self) -> MetricResult:
         """Mean Spearman correlation with N and bootstrap interval."""
-        return self._summary("occlusion_faithfulness", self._cat("values"))
+        return self._summary("occlusion_faithfulness", self.values())

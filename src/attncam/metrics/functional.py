@@ -2,7 +2,7 @@
 
 Shapes use named axes: ``B`` images, ``C`` classes, ``H x W`` input resolution, ``P`` levels.
 Maps are ``(B, H, W)`` floats in [0, 1]; masks are ``(B, H, W)`` bools. Percentages are 0-100
-(SPEC.md, "Metrics").
+(docs/METHODS.md, "Metrics").
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def confidence_gain(base: Tensor, masked: Tensor) -> Tensor:
 
 
 def win(base: Tensor, masked_a: Tensor, masked_b: Tensor) -> Tensor:
-    """Per-image Win % of method a over method b (Score-CAM-style comparison, SPEC.md).
+    """Per-image Win % of method a over method b (Score-CAM-style comparison; docs/METHODS.md).
 
     Method a wins an image when its drop ``Y - O_a`` is smaller than b's; a tie counts half.
 

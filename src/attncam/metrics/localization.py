@@ -65,13 +65,16 @@ class _MaskMetric(PerImageMetric):
     def _extra_checks(self, maps: Tensor) -> list[tuple[str, Tensor]]:
         return []
 
-    def update(self, maps: Tensor, masks: Tensor, keep: Tensor | None = None) -> None:
+    def update(
+        self, maps: Tensor, masks: Tensor, keep: Tensor | None = None, *, ids: Tensor | None = None
+    ) -> None:
         """Add a batch.
 
         Args:
             maps: ``(B, H, W)`` saliency maps in [0, 1] at input resolution.
             masks: ``(B, H, W)`` bool ground truth (all False = no annotation, skipped).
             keep: ``(B,)`` bool, False for excluded images.
+            ids: ``(B,)`` image ids; default the metric's running image counter.
         """
         finite = MF.check_maps(maps)
         annotated = MF.check_masks(masks, maps)
@@ -82,11 +85,15 @@ class _MaskMetric(PerImageMetric):
             *self._extra_checks(maps),
         ]
         valid = self._filter(torch.ones_like(finite), checks)
-        self.values.append(self._per_image(maps[valid].float(), masks[valid]).float())
+        per_image = self._per_image(maps[valid].float(), masks[valid]).float()
+        self._append_valid(ids, valid, values=per_image)
+
+    def _columns(self) -> dict[str, Tensor]:
+        return {self._name: self.values()}
 
     def compute(self) -> MetricResult:
         """Mean over annotated images with N, bootstrap interval and skip counts."""
-        return self._summary(self._name, self._cat("values"))
+        return self._summary(self._name, self.values())
 
 
 class PointingGame(_MaskMetric):
@@ -180,13 +187,21 @@ class BoxAccuracy(PerImageMetric):
         self.threshold, self.iou_threshold = float(threshold), float(iou_threshold)
         self._add_values("values")
 
-    def update(self, maps: Tensor, gt: Tensor | list[Tensor], keep: Tensor | None = None) -> None:
+    def update(
+        self,
+        maps: Tensor,
+        gt: Tensor | list[Tensor],
+        keep: Tensor | None = None,
+        *,
+        ids: Tensor | None = None,
+    ) -> None:
         """Add a batch.
 
         Args:
             maps: ``(B, H, W)`` saliency maps.
             gt: ``(B, H, W)`` bool masks, ``(B, 4)`` boxes, or a list of ``B`` ``(K_i, 4)`` boxes.
             keep: ``(B,)`` bool, False for excluded images.
+            ids: ``(B,)`` image ids; default the metric's running image counter.
         """
         finite = MF.check_maps(maps)
         b = maps.shape[0]
@@ -213,7 +228,7 @@ class BoxAccuracy(PerImageMetric):
         valid = self._filter(torch.ones_like(finite), checks)
         idx = valid.nonzero().flatten()
         if idx.numel() == 0:
-            self.values.append(maps.new_zeros(0))
+            self._append_valid(ids, valid, values=maps.new_zeros(0))
             return
         pred, found = largest_component_boxes(maps[idx] >= self.threshold)
         hits = []
@@ -221,8 +236,12 @@ class BoxAccuracy(PerImageMetric):
             g = boxes[i].to(maps.device)
             iou = MF.box_iou(pred[j : j + 1].expand(g.shape[0], 4), g)
             hits.append(bool(found[j]) and bool((iou >= self.iou_threshold).any()))
-        self.values.append(100.0 * torch.tensor(hits, dtype=torch.float32, device=maps.device))
+        per_image = 100.0 * torch.tensor(hits, dtype=torch.float32, device=maps.device)
+        self._append_valid(ids, valid, values=per_image)
+
+    def _columns(self) -> dict[str, Tensor]:
+        return {"box_accuracy": self.values()}
 
     def compute(self) -> MetricResult:
         """Box accuracy (%) with N, bootstrap interval and skip counts."""
-        return self._summary("box_accuracy", self._cat("values"))
+        return self._summary("box_accuracy", self.values())

@@ -20,7 +20,6 @@ does); the engine maps the result back to pixel space before calling the model.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,93 +30,19 @@ import torch
 from torch import Tensor, nn
 
 from attncam.metrics import functional as MF
+from attncam.metrics.protocol import (
+    MASK_SPACES,
+    PERCENTAGE_VARIANTS,
+    TARGETS,
+    EvalProtocol,
+    check_choice,
+)
+from attncam.runtime import IMAGENET_MEAN, IMAGENET_STD, eval_mode
 
 log = logging.getLogger(__name__)
 
-MASK_SPACES: tuple[str, ...] = ("pixel", "normalized")
-TARGETS: tuple[str, ...] = ("predicted", "label")
-PERCENTAGE_VARIANTS: tuple[str, ...] = ("binary", "soft", "gain")
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} '{value}'; choose one of: {', '.join(choices)}")
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """Evaluation protocol, written next to every result (SPEC.md, "Metrics"; issue 4, part 2).
-
-    Attributes:
-        mask_space: ``pixel`` (``E = L * I`` on [0, 1] images) or ``normalized``
-            (``E = L * (I - mean) / std``, as torchcam).
-        score: ``softmax`` (target probability) or ``logit``.
-        target: ``predicted`` (top-1 on the full image) or ``label`` (ground truth).
-        steps: Deletion/insertion steps (Petsiuk et al. 2018).
-        blur_kernel: Insertion blur kernel size (odd); ``0`` inserts into the deletion baseline.
-        blur_sigma: Insertion blur standard deviation in pixels.
-        only_correct: Keep only images whose top-1 prediction equals the label.
-        percentages: Percentage-in levels ``p`` (An & Joe 2022).
-        percentage_variant: ``binary`` (``B_p * I``), ``soft`` (``B_p * L * I``) or ``gain``
-            (``B_p * I`` scored by ``max(0, O - Y) / Y``).
-        road_percentages: ROAD removal percentages (Rong et al. 2022).
-        road_noise: ROAD imputation noise standard deviation (in the mask space's units).
-        seed: Seed of every random draw (ROAD noise, bootstrap).
-    """
-
-    mask_space: str = "pixel"
-    score: str = "softmax"
-    target: str = "predicted"
-    steps: int = 20
-    blur_kernel: int = 11
-    blur_sigma: float = 5.0
-    only_correct: bool = False
-    percentages: tuple[float, ...] = (5, 10, 20, 25, 50)
-    percentage_variant: str = "binary"
-    road_percentages: tuple[float, ...] = (10, 30, 50, 70, 90)
-    road_noise: float = 0.01
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _choice("mask_space", self.mask_space, MASK_SPACES)
-        _choice("score", self.score, MF.SCORE_CHOICES)
-        _choice("target", self.target, TARGETS)
-        _choice("percentage_variant", self.percentage_variant, PERCENTAGE_VARIANTS)
-        if int(self.steps) < 1:
-            raise ValueError(f"steps must be >= 1; got {self.steps}")
-        if self.blur_kernel != 0 and (self.blur_kernel < 1 or self.blur_kernel % 2 == 0):
-            raise ValueError(f"blur_kernel must be 0 (no blur) or odd >= 1; got {self.blur_kernel}")
-        if self.blur_kernel != 0 and self.blur_sigma <= 0:
-            raise ValueError(f"blur_sigma must be > 0; got {self.blur_sigma}")
-        # Accept lists from YAML; store tuples so the protocol stays hashable.
-        object.__setattr__(self, "percentages", tuple(float(p) for p in self.percentages))
-        object.__setattr__(self, "road_percentages", tuple(float(p) for p in self.road_percentages))
-        bad = [p for p in self.percentages if not 0 < p <= 100]
-        if bad:
-            raise ValueError(f"percentages must lie in (0, 100]; got {bad}")
-        bad = [p for p in self.road_percentages if not 0 < p < 100]
-        if bad:
-            raise ValueError(f"road_percentages must lie in (0, 100); got {bad}")
-        if self.road_noise < 0:
-            raise ValueError(f"road_noise must be >= 0; got {self.road_noise}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python view (lists for tuples), to write beside every result."""
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Protocol:
-        """Build from a mapping (e.g. a Hydra ``DictConfig``); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown protocol keys {unknown}; valid keys: {', '.join(sorted(names))}"
-            )
-        return cls(**{k: (tuple(v) if isinstance(v, list | tuple) else v) for k, v in d.items()})
+#: Old name of ``EvalProtocol`` (it shadowed ``typing.Protocol``), kept so existing imports work.
+Protocol = EvalProtocol
 
 
 @dataclass
@@ -195,18 +120,6 @@ class _Jobs:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag on exit."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 class Perturber:
     """Batched engine for every extra model call of the metrics.
 
@@ -230,7 +143,7 @@ class Perturber:
     def __init__(
         self,
         model: nn.Module | Callable[[Tensor], Tensor],
-        protocol: Protocol | None = None,
+        protocol: EvalProtocol | None = None,
         chunk_size: int = 64,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
@@ -239,7 +152,7 @@ class Perturber:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
         self.model = model
-        self.protocol = protocol or Protocol()
+        self.protocol = protocol or EvalProtocol()
         self.chunk_size = int(chunk_size)
         self.mean = tuple(mean or getattr(model, "input_mean", IMAGENET_MEAN))
         self.std = tuple(std or getattr(model, "input_std", IMAGENET_STD))
@@ -264,7 +177,8 @@ class Perturber:
     def _state_key(self) -> tuple[tuple[int, int], ...]:
         assert isinstance(self.model, nn.Module)
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        return tuple((id(t), t._version) for t in tensors)
+        # torch's in-place version counter has no public accessor.
+        return tuple((id(t), t._version) for t in tensors)  # noqa: SLF001
 
     def _inference_model(self) -> nn.Module | Callable[[Tensor], Tensor]:
         """The model to call: the original, or its (cached, fresh) optimised inference copy."""
@@ -446,7 +360,7 @@ class Perturber:
         base = self._base(images, base, labels)
         pcts = self.protocol.percentages if percentages is None else tuple(percentages)
         variant = variant or self.protocol.percentage_variant
-        _choice("percentage_variant", variant, PERCENTAGE_VARIANTS)
+        check_choice("percentage_variant", variant, PERCENTAGE_VARIANTS)
         per = 1 + len(pcts)
 
         # Pairs (method, image) with finite maps; each expands into `per` jobs: E, then each B_p.
@@ -571,20 +485,9 @@ class Perturber:
         any_finite = torch.stack(list(finites.values())).any(dim=0)
         start_ins = deleted.clone()
         if use_blur:
-            idx = any_finite.nonzero().flatten()
-            start_ins = images.new_full((b,), float("nan"))
-            sub_t = base.targets[idx]
-            start_ins[idx] = self._run(_Jobs(sub_t, lambda a, z: blurred[idx[a:z]]))
+            start_ins = self._scores_of_images(blurred, base.targets, any_finite)
 
-        # One stream: for every (method, finite image), the interior deletion then insertion points.
-        ranks_l, img_l, key_l = [], [], []
-        for name, m in methods.items():
-            ii = finites[name].nonzero().flatten()
-            if ii.numel():
-                ranks_l.append(MF.saliency_ranks(m[ii]))
-                img_l.append(ii)
-                key_l += [(name, i) for i in ii.tolist()]
-        per = 2 * len(interior)
+        key_l, ranks, img_of = self._ranked_pairs(methods, finites)
         curves = {
             n: Curves(
                 fractions,
@@ -597,35 +500,85 @@ class Perturber:
             c = curves[name]
             c.deletion[i, 0], c.deletion[i, s] = y[i], deleted[i]
             c.insertion[i, 0], c.insertion[i, s] = start_ins[i], y[i]
-        if key_l and per > 0:
-            ranks = torch.cat(ranks_l)  # (Q, H*W)
-            img_of = torch.cat(img_l)  # (Q,)
+        if key_l and interior:
             n_int = len(interior)
-            cnt = torch.tensor(interior, device=images.device, dtype=torch.long)
-            job_pair = torch.arange(ranks.shape[0], device=images.device).repeat_interleave(per)
-            job_cnt = cnt.repeat(2 * ranks.shape[0])
-            job_ins = (torch.arange(per, device=images.device) >= n_int).repeat(ranks.shape[0])
-            flat_images = images.flatten(2)
-            flat_blur = blurred.flatten(2)
-            zero_flat = self.from_mask_space(torch.zeros_like(images[:1])).flatten(2)
-
-            def build(start: int, stop: int) -> Tensor:
-                pair = job_pair[start:stop]
-                im = img_of[pair]
-                top = ranks[pair] < job_cnt[start:stop, None]  # (n, H*W): already perturbed
-                ins = job_ins[start:stop, None]
-                src = flat_images[im]
-                # deletion keeps the image where not yet removed; insertion where already inserted
-                take_image = torch.where(ins, top, ~top)[:, None]
-                other = torch.where(ins[:, :, None], flat_blur[im], zero_flat.expand_as(src))
-                return torch.where(take_image, src, other).view(-1, 3, h, w)
-
-            sc = self._run(_Jobs(base.targets[img_of[job_pair]], build)).view(-1, per)
+            sc = self._interior_scores(images, blurred, base.targets, ranks, img_of, interior)
             for row, (name, i) in enumerate(key_l):
                 c = curves[name]
                 c.deletion[i, 1:s] = sc[row, :n_int]
                 c.insertion[i, 1:s] = sc[row, n_int:]
         return curves
+
+    def _scores_of_images(self, images: Tensor, targets: Tensor, which: Tensor) -> Tensor:
+        """Scores of ``images[which]`` (``(B,)``, NaN elsewhere): one forward per chosen image."""
+        idx = which.nonzero().flatten()
+        out = images.new_full((images.shape[0],), float("nan"))
+        out[idx] = self._run(_Jobs(targets[idx], lambda a, z: images[idx[a:z]]))
+        return out
+
+    @staticmethod
+    def _ranked_pairs(
+        methods: Mapping[str, Tensor], finites: Mapping[str, Tensor]
+    ) -> tuple[list[tuple[str, int]], Tensor | None, Tensor | None]:
+        """``(method, image)`` pairs with a finite map, their pixel ranks ``(Q, H*W)`` and images
+        ``(Q,)`` (None when there is no pair)."""
+        ranks_l, img_l, key_l = [], [], []
+        for name, m in methods.items():
+            ii = finites[name].nonzero().flatten()
+            if ii.numel():
+                ranks_l.append(MF.saliency_ranks(m[ii]))
+                img_l.append(ii)
+                key_l += [(name, i) for i in ii.tolist()]
+        if not key_l:
+            return key_l, None, None
+        return key_l, torch.cat(ranks_l), torch.cat(img_l)
+
+    def _interior_scores(
+        self,
+        images: Tensor,
+        blurred: Tensor,
+        targets: Tensor,
+        ranks: Tensor | None,
+        img_of: Tensor | None,
+        interior: list[int],
+    ) -> Tensor:
+        """Interior deletion then insertion points of every pair, in one stream of jobs.
+
+        Args:
+            images: ``(B, 3, H, W)`` pixel images.
+            blurred: ``(B, 3, H, W)`` insertion start images (pixel space).
+            targets: ``(B,)`` target classes.
+            ranks: ``(Q, H*W)`` saliency ranks of each pair's map (0 = most salient).
+            img_of: ``(Q,)`` image of each pair.
+            interior: Pixels perturbed at each interior point.
+
+        Returns:
+            ``(Q, 2 * len(interior))``: deletion points, then insertion points.
+        """
+        assert ranks is not None and img_of is not None
+        _, _, h, w = images.shape
+        n_int = len(interior)
+        per = 2 * n_int
+        cnt = torch.tensor(interior, device=images.device, dtype=torch.long)
+        job_pair = torch.arange(ranks.shape[0], device=images.device).repeat_interleave(per)
+        job_cnt = cnt.repeat(2 * ranks.shape[0])
+        job_ins = (torch.arange(per, device=images.device) >= n_int).repeat(ranks.shape[0])
+        flat_images = images.flatten(2)
+        flat_blur = blurred.flatten(2)
+        zero_flat = self.from_mask_space(torch.zeros_like(images[:1])).flatten(2)
+
+        def build(start: int, stop: int) -> Tensor:
+            pair = job_pair[start:stop]
+            im = img_of[pair]
+            top = ranks[pair] < job_cnt[start:stop, None]  # (n, H*W): already perturbed
+            ins = job_ins[start:stop, None]
+            src = flat_images[im]
+            # deletion keeps the image where not yet removed; insertion where already inserted
+            take_image = torch.where(ins, top, ~top)[:, None]
+            other = torch.where(ins[:, :, None], flat_blur[im], zero_flat.expand_as(src))
+            return torch.where(take_image, src, other).view(-1, 3, h, w)
+
+        return self._run(_Jobs(targets[img_of[job_pair]], build)).view(-1, per)
 
     # ------------------------------------------------------------------ ROAD
 
@@ -742,3 +695,20 @@ class Perturber:
 
         sc = self._run(_Jobs(base.targets[job_img], build)).view(b, len(ys), len(xs))
         return base.scores.to(sc.dtype)[:, None, None] - sc
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MASK_SPACES",
+    "PERCENTAGE_VARIANTS",
+    "TARGETS",
+    "BaseScores",
+    "ConfidenceTable",
+    "Curves",
+    "EvalProtocol",
+    "Perturber",
+    "Protocol",
+    "RoadScores",
+    "eval_mode",
+]

@@ -1,0 +1,111 @@
+"""The evaluation protocol: every choice that changes a metric's number, written beside results.
+
+A metric value means little without the protocol that produced it (mask space, score, target,
+curve steps, Percentage-in variant, ...); ``EvalProtocol.to_dict()`` is stored next to every
+table. The definitions are in docs/METHODS.md ("Metrics").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from attncam.metrics import functional as MF
+
+MASK_SPACES: tuple[str, ...] = ("pixel", "normalized")
+TARGETS: tuple[str, ...] = ("predicted", "label")
+PERCENTAGE_VARIANTS: tuple[str, ...] = ("binary", "soft", "gain")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise when ``value`` is not one of ``choices``.
+
+    Args:
+        name: What is being chosen, for the message (e.g. ``"mask_space"``).
+        value: The given value.
+        choices: The valid values.
+
+    Raises:
+        ValueError: Naming the bad value and the valid choices.
+    """
+    if value not in choices:
+        raise ValueError(f"unknown {name} '{value}'; choose one of: {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """Evaluation protocol, written next to every result (docs/METHODS.md, "Metrics").
+
+    Attributes:
+        mask_space: ``pixel`` (``E = L * I`` on [0, 1] images) or ``normalized``
+            (``E = L * (I - mean) / std``, as torchcam).
+        score: ``softmax`` (target probability) or ``logit``.
+        target: ``predicted`` (top-1 on the full image) or ``label`` (ground truth).
+        steps: Deletion/insertion steps (Petsiuk et al. 2018).
+        blur_kernel: Insertion blur kernel size (odd); ``0`` inserts into the deletion baseline.
+        blur_sigma: Insertion blur standard deviation in pixels.
+        only_correct: Keep only images whose top-1 prediction equals the label.
+        percentages: Percentage-in levels ``p`` (An & Joe 2022).
+        percentage_variant: ``binary`` (``B_p * I``), ``soft`` (``B_p * L * I``) or ``gain``
+            (``B_p * I`` scored by ``max(0, O - Y) / Y``).
+        road_percentages: ROAD removal percentages (Rong et al. 2022).
+        road_noise: ROAD imputation noise standard deviation (in the mask space's units).
+        seed: Seed of every random draw (ROAD noise, bootstrap).
+    """
+
+    mask_space: str = "pixel"
+    score: str = "softmax"
+    target: str = "predicted"
+    steps: int = 20
+    blur_kernel: int = 11
+    blur_sigma: float = 5.0
+    only_correct: bool = False
+    percentages: tuple[float, ...] = (5, 10, 20, 25, 50)
+    percentage_variant: str = "binary"
+    road_percentages: tuple[float, ...] = (10, 30, 50, 70, 90)
+    road_noise: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("mask_space", self.mask_space, MASK_SPACES)
+        check_choice("score", self.score, MF.SCORE_CHOICES)
+        check_choice("target", self.target, TARGETS)
+        check_choice("percentage_variant", self.percentage_variant, PERCENTAGE_VARIANTS)
+        if int(self.steps) < 1:
+            raise ValueError(f"steps must be >= 1; got {self.steps}")
+        if self.blur_kernel != 0 and (self.blur_kernel < 1 or self.blur_kernel % 2 == 0):
+            raise ValueError(f"blur_kernel must be 0 (no blur) or odd >= 1; got {self.blur_kernel}")
+        if self.blur_kernel != 0 and self.blur_sigma <= 0:
+            raise ValueError(f"blur_sigma must be > 0; got {self.blur_sigma}")
+        # Accept lists from YAML; store tuples so the protocol stays hashable.
+        object.__setattr__(self, "percentages", tuple(float(p) for p in self.percentages))
+        object.__setattr__(self, "road_percentages", tuple(float(p) for p in self.road_percentages))
+        bad = [p for p in self.percentages if not 0 < p <= 100]
+        if bad:
+            raise ValueError(f"percentages must lie in (0, 100]; got {bad}")
+        bad = [p for p in self.road_percentages if not 0 < p < 100]
+        if bad:
+            raise ValueError(f"road_percentages must lie in (0, 100); got {bad}")
+        if self.road_noise < 0:
+            raise ValueError(f"road_noise must be >= 0; got {self.road_noise}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python view (lists for tuples), to write beside every result."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EvalProtocol:
+        """Build from a mapping (e.g. a Hydra ``DictConfig``); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown protocol keys {unknown}; valid keys: {', '.join(sorted(names))}"
+            )
+        return cls(**{k: (tuple(v) if isinstance(v, list | tuple) else v) for k, v in d.items()})
+
+
+__all__ = ["MASK_SPACES", "PERCENTAGE_VARIANTS", "TARGETS", "EvalProtocol", "check_choice"]
