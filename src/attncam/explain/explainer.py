@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from attncam.explain.methods.base import (
     forward_backward,
 )
 from attncam.explain.methods.registry import available_methods, get_method
+from attncam.runtime import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -208,21 +209,12 @@ class _Logits(nn.Module):
             return getattr(self.inner, name)
 
 
-@contextmanager
-def explaining(model: nn.Module) -> Iterator[None]:
-    """Eval mode and frozen parameters for the duration; both restored exactly on any exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
+def explaining(model: nn.Module) -> AbstractContextManager[nn.Module]:
+    """Eval mode and frozen parameters for the duration; both restored exactly on any exit.
+
+    The same as :func:`attncam.runtime.eval_mode` with ``freeze=True``.
+    """
+    return eval_mode(model, freeze=True)
 
 
 class Explainer:

@@ -2,7 +2,8 @@
 
 Every function draws on a private :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot,
 no global state, safe in worker threads), accepts tensors on any device, and writes its PNG
-atomically: to a temporary file in the destination folder, then :func:`os.replace`.
+atomically through :mod:`attncam.io` (a temporary file in the destination folder, then
+``os.replace``; the file gets the user's umask permissions).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from attncam.io import write_bytes_with
 from attncam.viz.overlay import overlay
 
 __all__ = ["curves_plot", "explanation_grid", "metric_bars", "save_figure", "scatter_ratio_plot"]
@@ -33,7 +34,7 @@ _LABEL_SIZE = 7
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: float = 100) -> Path:
-    """Writes ``fig`` as a PNG atomically (temporary file in the same folder, then ``os.replace``).
+    """Writes ``fig`` as a PNG atomically (:func:`attncam.io.write_bytes_with`).
 
     A failure while drawing or saving leaves neither a partial ``path`` nor a temporary file.
 
@@ -45,19 +46,14 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: float = 100) 
     Returns:
         The destination as a :class:`~pathlib.Path`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.05)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_with(
+        path,
+        lambda handle: fig.savefig(
+            handle, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.05
+        ),
+    )
 
 
 def _new_figure(width: float, height: float) -> Figure:
