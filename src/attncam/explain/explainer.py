@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attncam.explain.hooks import INPUT_SUFFIX
+from attncam.explain.hooks import resolve_module
 from attncam.explain.methods.base import (
     Method,
     Pass,
@@ -132,40 +132,19 @@ def check_layers(model: nn.Module, layers: Sequence[str]) -> None:
     """Raise a ``ValueError`` listing the layers that exist when a named layer does not.
 
     Names may end in ``":input"`` (that module's first input). The message lists the children of
-    the deepest part of the dotted name that exists, so a typo anywhere in the path is explained.
+    the deepest part of the dotted name that exists, so a typo anywhere in the path is explained
+    (:func:`attncam.explain.model_api.unknown_layer_error`).
     """
     for name in layers:
-        dotted = name.removesuffix(INPUT_SUFFIX)
-        try:
-            model.get_submodule(dotted)
-            continue
-        except AttributeError:
-            pass
-        parts = dotted.split(".")
-        parent = ""
-        for i in range(len(parts) - 1, 0, -1):
-            try:
-                model.get_submodule(".".join(parts[:i]))
-            except AttributeError:
-                continue
-            parent = ".".join(parts[:i])
-            break
-        prefix = f"{parent}." if parent else ""
-        children = [f"{prefix}{n}" for n, _ in model.get_submodule(parent).named_children()]
-        total = sum(1 for n, _ in model.named_modules() if n)
-        where = f"under {parent!r}" if parent else "at the top level"
-        shown = ", ".join(children[:30]) + (", ..." if len(children) > 30 else "")
-        raise ValueError(
-            f"unknown layer {dotted!r} in {type(model).__name__}; layers {where}: {shown} "
-            f"({total} layers in all: [n for n, _ in model.named_modules()] lists them)"
-        )
+        resolve_module(model, name)
 
 
 class _Logits(nn.Module):
     """The model seen through ``output_transform``: forwards return checked logits ``(B, N)``.
 
     Attributes, ``get_submodule`` and ``named_modules`` are the wrapped model's, so dotted layer
-    names and model attributes (``cam_layer``, ...) read the same through the wrapper.
+    names and the attributes :mod:`attncam.explain.model_api` reads (``cam_layer``, ...) are the
+    same through the wrapper.
     """
 
     def __init__(self, model: nn.Module, transform: OutputTransform | None) -> None:

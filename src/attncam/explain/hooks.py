@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from attncam.explain.model_api import unknown_layer_error
+
 log = logging.getLogger(__name__)
 
 INPUT_SUFFIX = ":input"
@@ -49,14 +51,7 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(dotted)
     except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        parent = dotted.rpartition(".")[0]
-        near = [n for n in names if n.startswith(parent)] if parent else names
-        near = [n for n in near if n.count(".") == dotted.count(".")][:20]
-        raise ValueError(
-            f"unknown layer {dotted!r} in {type(model).__name__}; choose one of (first 20 at "
-            f"that depth): {', '.join(near)}"
-        ) from None
+        raise unknown_layer_error(model, dotted) from None
 
 
 def _as_tensor(value: Any, name: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ only. Defaults follow the official CBAM code (Jongchan/attention-module).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
@@ -19,9 +19,15 @@ ATTENTION_KINDS = ("none", "se", "cbam", "cbam_channel", "cbam_spatial", "bam")
 class AttentionTap(nn.Identity):
     """Identity whose output is an attention map, found by ``AttentionNet.attention_taps()``.
 
+    The explain engine recognises a tap by its ``is_attention_tap`` attribute and reads ``kind``
+    (``attncam.explain.model_api``), so any module declaring both works as a tap.
+
     Args:
         kind: ``"channel"`` for maps of shape ``(B, C, 1, 1)`` or ``"spatial"`` for ``(B, 1, h, w)``.
     """
+
+    #: The marker the explain engine looks for.
+    is_attention_tap: ClassVar[bool] = True
 
     def __init__(self, kind: str) -> None:
         super().__init__()
