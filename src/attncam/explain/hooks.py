@@ -9,7 +9,7 @@ Gradient roots. With every parameter frozen and the input not requiring grad, no
 is built below the target layer, so the forward costs what an inference forward costs. For
 ``d score / d A`` the captured tensor ``A`` must still require grad: ``capture(..., grad=names)``
 flips ``A.requires_grad_()`` *in place* when ``A`` is a graph leaf. This changes neither the
-tensor object nor its values (so it is not the output-rewriting surgery DESIGN.md forbids), and it
+tensor object nor its values (so it is not a hook that rewrites outputs), and it
 makes the head the only part of the network with a graph: the backward then costs almost nothing
 and no trunk activation is kept for it (measured in ``benchmarks/explain.md``). If a later in-place
 operation (``out += identity``, ``ReLU(inplace=True)``) hits the leaf, PyTorch raises; the caller

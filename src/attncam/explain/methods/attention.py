@@ -69,7 +69,9 @@ class Attention(Method):
 
 @register_method("attention_guided")
 class AttentionGuided(Method):
-    """Attention-map-guided Grad-CAM (An & Joe 2022), reconstructed in three variants (SPEC.md).
+    """Attention-map-guided Grad-CAM (An & Joe 2022), reconstructed in three variants.
+
+    docs/METHODS.md, "Attention-map-guided Grad-CAM".
 
     * ``cbam_output`` (default): Grad-CAM with ``A = F''``, the output of the last CBAM module,
       so ``L = ReLU(M_s * sum_k alpha_k M_c,k F_k)``: channel attention re-weights channels and

@@ -4,7 +4,7 @@ A method is a small class registered under its config-file name. Class-activatio
 (:class:`CAMMethod`) only implement ``weights(A, g, p, layer)``, returning channel weights
 ``(B, K)`` or pixel weights ``(B, K, h, w)``; the base class multiplies them with the activations,
 sums over channels, applies ReLU, upsamples bilinearly to the input size and min-max normalises
-each image (SPEC.md, "Explanation methods"). Every method declares the layers it needs with
+each image (docs/METHODS.md, "Notation"). Every method declares the layers it needs with
 gradients (``grad_sites``) and without (``record_sites``), so the
 :class:`~attncam.explain.explainer.Explainer` serves all of them from one shared forward pass and
 one ``torch.autograd.grad`` call.

@@ -1,6 +1,6 @@
 """Gradient CAMs: one weight function each, all fed by the shared forward/backward pass.
 
-Notation (SPEC.md): ``A`` ``(B, K, h, w)`` the target layer's output, ``g = d y^c / d A`` the
+Notation (docs/METHODS.md, "Notation"): ``A`` ``(B, K, h, w)`` the target layer's output, ``g = d y^c / d A`` the
 gradient of the target logit, ``Z = h * w``. Every method here takes ``counterfactual=True``
 (Grad-CAM paper, sec. 3 "Counterfactual explanations"): ``g`` is negated, showing what argues
 against the class.
