@@ -304,11 +304,16 @@ class _FusedState:
         self.task = -1
 
     def put(self, t: torch.Tensor) -> None:
-        self.t, self.task = t, torch._C._current_graph_task_id()
+        self.t, self.task = t, _graph_task_id()
 
     def take(self) -> torch.Tensor | None:
         t, self.t = self.t, None
-        return t if t is not None and self.task == torch._C._current_graph_task_id() else None
+        return t if t is not None and self.task == _graph_task_id() else None
+
+
+def _graph_task_id() -> int:
+    """Id of the autograd graph task running now (-1 outside a backward pass)."""
+    return torch._C._current_graph_task_id()  # noqa: SLF001 (no public equivalent in torch)
 
 
 def _fused_path_ok(x: torch.Tensor, training: bool) -> bool:

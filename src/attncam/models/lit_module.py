@@ -182,7 +182,9 @@ class ClassifierModule(L.LightningModule):
         n = self.hparams.num_classes
         if y.is_cuda:
             # No host sync per step on GPUs: the device asserts and the error names the range.
-            torch._assert_async(((y >= 0) & (y < n)).all(), f"labels out of range 0..{n - 1}")
+            torch._assert_async(  # noqa: SLF001 (torch has no public device-side assert)
+                ((y >= 0) & (y < n)).all(), f"labels out of range 0..{n - 1}"
+            )
             return
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n):
             bad = y[(y < 0) | (y >= n)][:5].tolist()

@@ -127,29 +127,10 @@ def explanation_grid(
     Raises:
         ValueError: On inconsistent shapes or counts.
     """
-    images = _cpu(images)
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape (N, 3, H, W); got {tuple(images.shape)}")
+    images, cpu_maps, masks = _grid_inputs(images, maps, masks)
     n = images.shape[0]
-    if n == 0:
-        raise ValueError("images is empty; nothing to draw")
-    cpu_maps: dict[str, Tensor] = {}
-    for name, m in maps.items():
-        m = _cpu(m)
-        if m.dim() == 4 and m.shape[1] == 1:
-            m = m[:, 0]
-        if m.dim() != 3 or m.shape[0] != n:
-            raise ValueError(f"maps[{name!r}] must have shape (N={n}, h, w); got {tuple(m.shape)}")
-        cpu_maps[name] = m
     if row_titles is not None and len(row_titles) != n:
         raise ValueError(f"row_titles has {len(row_titles)} entries for {n} images")
-    if masks is not None:
-        masks = masks.detach().to("cpu").bool()
-        if tuple(masks.shape) != (n, *images.shape[-2:]):
-            raise ValueError(
-                f"masks must have shape (N, H, W) = {(n, *images.shape[-2:])}; "
-                f"got {tuple(masks.shape)}"
-            )
     rows = n if max_rows is None else max(1, min(n, max_rows))
     cols = 1 + len(cpu_maps)
 
@@ -163,15 +144,8 @@ def explanation_grid(
         panels = [image.clamp(0, 1)] + [
             overlay(image, m[r], alpha=alpha, cmap=cmap) for m in cpu_maps.values()
         ]
-        outline = masks is not None and bool(masks[r].any())
-        for c, panel in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(panel.permute(1, 2, 0).numpy(), interpolation="bilinear")
-            _hide_ticks(ax)
-            if outline:
-                _draw_outline(ax, masks[r])
-            if r == 0:
-                ax.set_title(titles[c], fontsize=_TITLE_SIZE, pad=3)
+        mask = masks[r] if masks is not None and bool(masks[r].any()) else None
+        _draw_grid_row(axes[r], panels, mask, titles if r == 0 else None)
         if row_titles is not None:
             axes[r, 0].set_ylabel(
                 row_titles[r],
@@ -187,6 +161,52 @@ def explanation_grid(
         # Leave room for the column titles above the first row.
         fig.subplots_adjust(top=1.0 - 0.22 / (rows * cell_size))
     return save_figure(fig, path, dpi=dpi)
+
+
+def _grid_inputs(
+    images: Tensor, maps: Mapping[str, Tensor], masks: Tensor | None
+) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+    """Checked CPU copies: images ``(N, C, H, W)``, maps ``{name: (N, h, w)}``, masks ``(N, H, W)``.
+
+    Raises:
+        ValueError: On inconsistent shapes or counts.
+    """
+    images = _cpu(images)
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, 3, H, W); got {tuple(images.shape)}")
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("images is empty; nothing to draw")
+    cpu_maps: dict[str, Tensor] = {}
+    for name, m in maps.items():
+        m = _cpu(m)
+        if m.dim() == 4 and m.shape[1] == 1:
+            m = m[:, 0]
+        if m.dim() != 3 or m.shape[0] != n:
+            raise ValueError(f"maps[{name!r}] must have shape (N={n}, h, w); got {tuple(m.shape)}")
+        cpu_maps[name] = m
+    if masks is not None:
+        masks = masks.detach().to("cpu").bool()
+        if tuple(masks.shape) != (n, *images.shape[-2:]):
+            raise ValueError(
+                f"masks must have shape (N, H, W) = {(n, *images.shape[-2:])}; "
+                f"got {tuple(masks.shape)}"
+            )
+    return images, cpu_maps, masks
+
+
+def _draw_grid_row(
+    axes: Sequence[Axes], panels: list[Tensor], mask: Tensor | None, titles: list[str] | None
+) -> None:
+    """Draw one grid row: ``panels`` ``(3, H, W)``, the mask outline, the column titles."""
+    for c, panel in enumerate(panels):
+        ax = axes[c]
+        ax.imshow(panel.permute(1, 2, 0).numpy(), interpolation="bilinear")
+        _hide_ticks(ax)
+        if mask is not None:
+            _draw_outline(ax, mask)
+        if titles is not None:
+            ax.set_title(titles[c], fontsize=_TITLE_SIZE, pad=3)
 
 
 def curves_plot(
