@@ -1,4 +1,4 @@
-"""Golden values on tiny hand-built nets, computed by hand (SPEC.md, "Explanation methods").
+"""Golden values on tiny hand-built nets, computed by hand (docs/METHODS.md, "Explanation methods").
 
 Net ``linear``: the CAM layer is an identity on the input, so ``A`` is the input ``(1, 2, 2, 2)``,
 and the head is ``flatten -> Linear(8, 2)`` without bias, so ``g = dy^0/dA`` is row 0 of the

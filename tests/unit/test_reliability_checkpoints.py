@@ -93,14 +93,14 @@ def test_checkpoint_of_another_attncam_version_loads_with_a_warning(
 ) -> None:
     path = tmp_path / "old.ckpt"
     torch.save(_checkpoint(_module(), attncam_version="0.0.1"), path)
-    with caplog.at_level(logging.WARNING, logger="attncam.models.lit_module"):
+    with caplog.at_level(logging.WARNING, logger="attncam.models.checkpoint"):
         load_classifier(str(path))
     assert any("attncam 0.0.1" in r.getMessage() and __version__ in r.getMessage()
                for r in caplog.records)  # fmt: skip
     caplog.clear()
     path2 = tmp_path / "current.ckpt"
     torch.save(_checkpoint(_module()), path2)
-    with caplog.at_level(logging.WARNING, logger="attncam.models.lit_module"):
+    with caplog.at_level(logging.WARNING, logger="attncam.models.checkpoint"):
         load_classifier(str(path2))
     assert not caplog.records
 

@@ -320,7 +320,7 @@ class _FileDataModule(AttnCamDataModule):
         self, root: str | os.PathLike, verify: VerifyMode = "header", **kwargs: object
     ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        folders._check_verify(verify)
+        folders.check_verify(verify)
         self.root = Path(root).expanduser()
         self.verify: VerifyMode = verify
         self._index: tuple[dict[str, list[Sample]], list[str], SkipReport] | None = None

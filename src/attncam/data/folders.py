@@ -47,6 +47,7 @@ __all__ = [
     "Sample",
     "VerifyMode",
     "check_labels",
+    "check_verify",
     "cub200_samples",
     "find_imagenet_val_boxes",
     "imagefolder_splits",
@@ -165,8 +166,8 @@ def check_labels(labels: Iterable[int], num_classes: int, source: str) -> None:
         )
 
 
-def _check_verify(verify: str) -> None:
-    """Raise for an unknown verify mode."""
+def check_verify(verify: str) -> None:
+    """Raise for an unknown verify mode (naming the valid ones: none, header, full)."""
     if verify not in _VERIFY_MODES:
         raise ValueError(f"unknown verify mode {verify!r}; choose one of: {', '.join(_VERIFY_MODES)}")  # fmt: skip
 
@@ -196,7 +197,7 @@ def verify_samples(samples: Sequence[Sample], verify: str, report: SkipReport) -
     Returns:
         The samples that passed, in order.
     """
-    _check_verify(verify)
+    check_verify(verify)
     if verify == "none" or not samples:
         return list(samples)
     workers = min(8, os.cpu_count() or 1, len(samples))
@@ -474,7 +475,8 @@ def _imagenette_meta() -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str,
     """torchvision's archive URLs/MD5s and wnid -> names table for Imagenette."""
     from torchvision.datasets import Imagenette
 
-    return dict(Imagenette._ARCHIVES), dict(Imagenette._WNID_TO_CLASS)
+    # torchvision keeps these tables private; reading them avoids copying its URLs and checksums.
+    return dict(Imagenette._ARCHIVES), dict(Imagenette._WNID_TO_CLASS)  # noqa: SLF001
 
 
 def imagenette_dir(root: Path, size: str) -> Path:

@@ -3,6 +3,8 @@
 ``Explainer(model, methods=[...], layer=None)(images, targets=None)`` returns ``{name: (B, H, W)}``
 maps in [0, 1]. ``capture()`` (``hooks.py``) is the only place hooks are registered; each method is
 a small registered class (``methods/``) whose key is its ``conf/method/<key>.yaml`` file name.
+What the engine may read from a model is the ``ExplainableModel`` protocol (``model_api.py``);
+result names and their ``maps.npz`` slugs are ``result_name`` and ``slug`` (``naming.py``).
 """
 
 from attncam.explain.explainer import (
@@ -15,8 +17,12 @@ from attncam.explain.explainer import (
 from attncam.explain.hooks import capture, count_hooks, intervene
 from attncam.explain.methods.base import normalize_maps
 from attncam.explain.methods.registry import available_methods, build_method, get_method
+from attncam.explain.model_api import AttentionTapLike, ExplainableModel, unknown_layer_error
+from attncam.explain.naming import find_result, result_name, slug
 
 __all__ = [
+    "AttentionTapLike",
+    "ExplainableModel",
     "Explainer",
     "Explanation",
     "available_methods",
@@ -24,9 +30,13 @@ __all__ = [
     "capture",
     "count_hooks",
     "explaining",
+    "find_result",
     "get_method",
     "intervene",
     "methods_from_config",
     "normalize_maps",
     "parse_methods",
+    "result_name",
+    "slug",
+    "unknown_layer_error",
 ]

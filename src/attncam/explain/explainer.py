@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from attncam.explain.hooks import INPUT_SUFFIX
+from attncam.explain.hooks import resolve_module
 from attncam.explain.methods.base import (
     Method,
     Pass,
@@ -20,6 +20,7 @@ from attncam.explain.methods.base import (
     forward_backward,
 )
 from attncam.explain.methods.registry import available_methods, get_method
+from attncam.runtime import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -131,40 +132,19 @@ def check_layers(model: nn.Module, layers: Sequence[str]) -> None:
     """Raise a ``ValueError`` listing the layers that exist when a named layer does not.
 
     Names may end in ``":input"`` (that module's first input). The message lists the children of
-    the deepest part of the dotted name that exists, so a typo anywhere in the path is explained.
+    the deepest part of the dotted name that exists, so a typo anywhere in the path is explained
+    (:func:`attncam.explain.model_api.unknown_layer_error`).
     """
     for name in layers:
-        dotted = name.removesuffix(INPUT_SUFFIX)
-        try:
-            model.get_submodule(dotted)
-            continue
-        except AttributeError:
-            pass
-        parts = dotted.split(".")
-        parent = ""
-        for i in range(len(parts) - 1, 0, -1):
-            try:
-                model.get_submodule(".".join(parts[:i]))
-            except AttributeError:
-                continue
-            parent = ".".join(parts[:i])
-            break
-        prefix = f"{parent}." if parent else ""
-        children = [f"{prefix}{n}" for n, _ in model.get_submodule(parent).named_children()]
-        total = sum(1 for n, _ in model.named_modules() if n)
-        where = f"under {parent!r}" if parent else "at the top level"
-        shown = ", ".join(children[:30]) + (", ..." if len(children) > 30 else "")
-        raise ValueError(
-            f"unknown layer {dotted!r} in {type(model).__name__}; layers {where}: {shown} "
-            f"({total} layers in all: [n for n, _ in model.named_modules()] lists them)"
-        )
+        resolve_module(model, name)
 
 
 class _Logits(nn.Module):
     """The model seen through ``output_transform``: forwards return checked logits ``(B, N)``.
 
     Attributes, ``get_submodule`` and ``named_modules`` are the wrapped model's, so dotted layer
-    names and model attributes (``cam_layer``, ...) read the same through the wrapper.
+    names and the attributes :mod:`attncam.explain.model_api` reads (``cam_layer``, ...) are the
+    same through the wrapper.
     """
 
     def __init__(self, model: nn.Module, transform: OutputTransform | None) -> None:
@@ -208,21 +188,12 @@ class _Logits(nn.Module):
             return getattr(self.inner, name)
 
 
-@contextmanager
-def explaining(model: nn.Module) -> Iterator[None]:
-    """Eval mode and frozen parameters for the duration; both restored exactly on any exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
+def explaining(model: nn.Module) -> AbstractContextManager[nn.Module]:
+    """Eval mode and frozen parameters for the duration; both restored exactly on any exit.
+
+    The same as :func:`attncam.runtime.eval_mode` with ``freeze=True``.
+    """
+    return eval_mode(model, freeze=True)
 
 
 class Explainer:

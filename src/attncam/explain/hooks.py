@@ -9,7 +9,7 @@ Gradient roots. With every parameter frozen and the input not requiring grad, no
 is built below the target layer, so the forward costs what an inference forward costs. For
 ``d score / d A`` the captured tensor ``A`` must still require grad: ``capture(..., grad=names)``
 flips ``A.requires_grad_()`` *in place* when ``A`` is a graph leaf. This changes neither the
-tensor object nor its values (so it is not the output-rewriting surgery DESIGN.md forbids), and it
+tensor object nor its values (so it is not a hook that rewrites outputs), and it
 makes the head the only part of the network with a graph: the backward then costs almost nothing
 and no trunk activation is kept for it (measured in ``benchmarks/explain.md``). If a later in-place
 operation (``out += identity``, ``ReLU(inplace=True)``) hits the leaf, PyTorch raises; the caller
@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from attncam.explain.model_api import unknown_layer_error
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +51,7 @@ def resolve_module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(dotted)
     except AttributeError:
-        names = [n for n, _ in model.named_modules() if n]
-        parent = dotted.rpartition(".")[0]
-        near = [n for n in names if n.startswith(parent)] if parent else names
-        near = [n for n in near if n.count(".") == dotted.count(".")][:20]
-        raise ValueError(
-            f"unknown layer {dotted!r} in {type(model).__name__}; choose one of (first 20 at "
-            f"that depth): {', '.join(near)}"
-        ) from None
+        raise unknown_layer_error(model, dotted) from None
 
 
 def _as_tensor(value: Any, name: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ only. Defaults follow the official CBAM code (Jongchan/attention-module).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
@@ -19,9 +19,15 @@ ATTENTION_KINDS = ("none", "se", "cbam", "cbam_channel", "cbam_spatial", "bam")
 class AttentionTap(nn.Identity):
     """Identity whose output is an attention map, found by ``AttentionNet.attention_taps()``.
 
+    The explain engine recognises a tap by its ``is_attention_tap`` attribute and reads ``kind``
+    (``attncam.explain.model_api``), so any module declaring both works as a tap.
+
     Args:
         kind: ``"channel"`` for maps of shape ``(B, C, 1, 1)`` or ``"spatial"`` for ``(B, 1, h, w)``.
     """
+
+    #: The marker the explain engine looks for.
+    is_attention_tap: ClassVar[bool] = True
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -298,11 +304,16 @@ class _FusedState:
         self.task = -1
 
     def put(self, t: torch.Tensor) -> None:
-        self.t, self.task = t, torch._C._current_graph_task_id()
+        self.t, self.task = t, _graph_task_id()
 
     def take(self) -> torch.Tensor | None:
         t, self.t = self.t, None
-        return t if t is not None and self.task == torch._C._current_graph_task_id() else None
+        return t if t is not None and self.task == _graph_task_id() else None
+
+
+def _graph_task_id() -> int:
+    """Id of the autograd graph task running now (-1 outside a backward pass)."""
+    return torch._C._current_graph_task_id()  # noqa: SLF001 (no public equivalent in torch)
 
 
 def _fused_path_ok(x: torch.Tensor, training: bool) -> bool:

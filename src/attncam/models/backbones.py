@@ -20,10 +20,10 @@ import torchvision
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from attncam.runtime import IMAGENET_MEAN, IMAGENET_STD
+
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 

@@ -2,29 +2,60 @@
 
 The module builds its own network from the hyperparameters it saves, so
 ``ClassifierModule.load_from_checkpoint(path, pretrained=False)`` rebuilds the exact model with no
-Hydra and no download.
+Hydra and no download. :meth:`ClassifierModule.from_config` builds it from the ``model`` and
+``optim`` config groups; the class signature is the only place its defaults are written.
+
+The fine-tuning callback lives in :mod:`attncam.models.finetuning` and checkpoint reading in
+:mod:`attncam.models.checkpoint`; both are re-exported here under their old names.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 
 from attncam import __version__
+
+# Moved to their own modules; re-exported under their old names.
+from attncam.models.checkpoint import (
+    ARCHITECTURE_HPARAMS,
+    CheckpointError,
+    check_hparams,
+    load_classifier,
+    read_checkpoint,
+)
+from attncam.models.finetuning import FreezePretrained
 from attncam.models.net import AttentionNet
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("none", "step", "cosine")
+
+#: ``ClassifierModule`` arguments read from the ``optim`` config group; every other argument
+#: (except ``num_classes`` and ``max_epochs``, which come from the data and the trainer) is read
+#: from the ``model`` group (``conf/model/*.yaml`` plus ``conf/attention/*.yaml``).
+OPTIM_ARGS = (
+    "optimizer",
+    "lr",
+    "lr_pretrained",
+    "momentum",
+    "weight_decay",
+    "scheduler",
+    "step_size",
+    "gamma",
+    "warmup_epochs",
+    "label_smoothing",
+)
 
 
 class ClassifierModule(L.LightningModule):
@@ -106,6 +137,41 @@ class ClassifierModule(L.LightningModule):
         self.train_acc = metrics["acc"].clone()
         self._images_logged = False
 
+    #: ``model`` config keys the train stage reads itself (not module arguments).
+    STAGE_MODEL_KEYS: ClassVar[tuple[str, ...]] = ("compile",)
+
+    @classmethod
+    def from_config(
+        cls,
+        model_cfg: Mapping[str, Any],
+        optim_cfg: Mapping[str, Any],
+        num_classes: int,
+        max_epochs: int,
+    ) -> ClassifierModule:
+        """Build the module from the ``model`` and ``optim`` config groups.
+
+        Only the keys present in the configs are passed on: every other argument takes its
+        default from the class signature, the one place defaults are written.
+
+        Args:
+            model_cfg: the ``model`` group (backbone, attention settings, pretrained, ...); the
+                train stage's own keys (:attr:`STAGE_MODEL_KEYS`) are skipped.
+            optim_cfg: the ``optim`` group (keys of :data:`OPTIM_ARGS`).
+            num_classes: number of classes of the data.
+            max_epochs: schedule length (the trainer's ``max_epochs``).
+
+        Raises:
+            ValueError: a key that is not an argument of the group (naming the valid keys), or
+                a ``model`` group without ``backbone``.
+        """
+        own = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        model_args = sorted(own - set(OPTIM_ARGS) - {"num_classes", "max_epochs"})
+        if "backbone" not in model_cfg:
+            raise ValueError("the model config has no 'backbone'; choose one with model=NAME")
+        kwargs = _config_args(model_cfg, model_args, "model", skip=cls.STAGE_MODEL_KEYS)
+        kwargs.update(_config_args(optim_cfg, OPTIM_ARGS, "optim"))
+        return cls(num_classes=int(num_classes), max_epochs=int(max_epochs), **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` of pixel images ``x`` ``(B, 3, H, W)`` in [0, 1]."""
         return self.net(x)
@@ -116,7 +182,9 @@ class ClassifierModule(L.LightningModule):
         n = self.hparams.num_classes
         if y.is_cuda:
             # No host sync per step on GPUs: the device asserts and the error names the range.
-            torch._assert_async(((y >= 0) & (y < n)).all(), f"labels out of range 0..{n - 1}")
+            torch._assert_async(  # noqa: SLF001 (torch has no public device-side assert)
+                ((y >= 0) & (y < n)).all(), f"labels out of range 0..{n - 1}"
+            )
             return
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n):
             bad = y[(y < 0) | (y >= n)][:5].tolist()
@@ -239,171 +307,28 @@ class ClassifierModule(L.LightningModule):
             )
 
 
-class FreezePretrained(BaseFinetuning):
-    """Train only the new parameters (attention, head) for ``epochs`` epochs, then everything.
-
-    The pretrained parameters stay in their optimiser group throughout; while frozen they get no
-    gradient, so SGD and AdamW leave them (and their state) untouched.
-
-    Args:
-        epochs: epochs to keep the pretrained parameters frozen (0 disables the callback).
-        train_bn: keep BatchNorm of frozen parts in train mode.
-    """
-
-    def __init__(self, epochs: int = 1, train_bn: bool = True) -> None:
-        super().__init__()
-        if epochs < 0:
-            raise ValueError(f"freeze epochs must be >= 0, got {epochs}")
-        self.epochs = epochs
-        self.train_bn = train_bn
-
-    @staticmethod
-    def _pretrained(pl_module: L.LightningModule) -> list[nn.Parameter]:
-        net: AttentionNet = pl_module.net  # type: ignore[assignment]
-        return [p for n, p in net.named_parameters() if not net.is_new_parameter(n)]
-
-    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
-        """Freeze the pretrained parameters before the first epoch."""
-        if self.epochs > 0:
-            for p in self._pretrained(pl_module):
-                p.requires_grad_(False)
-
-    def finetune_function(
-        self, pl_module: L.LightningModule, epoch: int, optimizer: torch.optim.Optimizer
-    ) -> None:
-        """Unfreeze at epoch ``epochs``."""
-        if self.epochs > 0 and epoch == self.epochs:
-            for p in self._pretrained(pl_module):
-                p.requires_grad_(True)
-            log.info("epoch %d: pretrained parameters unfrozen", epoch)
-
-
-# Hyperparameters that decide the network's shape: a checkpoint resumed or loaded under other
-# values cannot hold the right weights. The rest (optimiser, schedule) may change on resume.
-ARCHITECTURE_HPARAMS = (
-    "backbone",
-    "num_classes",
-    "attention",
-    "placement",
-    "reduction",
-    "kernel_size",
-)
-
-
-def read_checkpoint(
-    path: str, trust_checkpoint: bool = False, map_location: str = "cpu"
+def _config_args(
+    cfg: Mapping[str, Any], valid: Sequence[str], group: str, skip: Sequence[str] = ()
 ) -> dict[str, Any]:
-    """Load an attncam training checkpoint as a dict, weights-only unless trusted.
-
-    Args:
-        path: a checkpoint written by ``train.py``.
-        trust_checkpoint: allow arbitrary pickled objects (only for files you trust: unpickling
-            can execute code). By default only tensors and plain values are loaded.
-        map_location: device to load onto.
-
-    Returns:
-        The checkpoint, with at least ``state_dict`` and ``hyper_parameters``.
-
-    Raises:
-        CheckpointError: missing, corrupt, unsafe or not an attncam checkpoint.
-    """
-    import pathlib
-    import pickle
-    import zipfile
-
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    if not zipfile.is_zipfile(p):  # torch.save has written zip archives since torch 1.6
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a readable torch checkpoint (not a torch zip "
-            "archive: truncated, corrupt or another format)"
+    """The keys of ``cfg`` that are in ``valid``; any other key (not in ``skip``) is an error."""
+    unknown = sorted(str(k) for k in cfg if k not in valid and k not in skip)
+    if unknown:
+        raise ValueError(
+            f"unknown {group} key(s) {', '.join(map(repr, unknown))} for ClassifierModule; "
+            f"valid keys: {', '.join(valid)}"
         )
-    try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=not trust_checkpoint)
-    except pickle.UnpicklingError as err:
-        detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is refused by the weights-only loader ({detail}): it holds "
-            "objects that would run code when unpickled. Load it only if you trust its source, "
-            "with trust_checkpoint=true"
-        ) from None
-    except Exception as err:  # truncated zip, not a torch file, ...
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is not a readable torch checkpoint: {type(err).__name__}: "
-            f"{err}"
-        ) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} is not an attncam training checkpoint (expected the keys "
-            "'state_dict' and 'hyper_parameters')"
-        )
-    saved = ckpt.get("attncam_version")
-    if saved != __version__:
-        log.warning(
-            "checkpoint %s was written by attncam %s, loading with %s: if the network does not "
-            "match, retrain or install that version",
-            path,
-            saved or "(unknown version)",
-            __version__,
-        )
-    return ckpt
+    return {str(k): cfg[k] for k in cfg if k in valid}
 
 
-def check_hparams(saved: Any, expected: Any, path: str) -> None:
-    """Raise when a checkpoint's network hyperparameters differ from the ones expected.
-
-    Args:
-        saved: the checkpoint's ``hyper_parameters``.
-        expected: the hyperparameters of the module it is loaded into.
-        path: the checkpoint, for the message.
-
-    Raises:
-        CheckpointError: naming every differing key with both values.
-    """
-    diff = [
-        f"{k}: checkpoint {saved.get(k)!r}, config {expected.get(k)!r}"
-        for k in ARCHITECTURE_HPARAMS
-        if k in expected and saved.get(k) != expected.get(k)
-    ]
-    if diff:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} holds another network than the config describes ("
-            + "; ".join(diff)
-            + "): set the config to the checkpoint's values or start a new run"
-        )
-
-
-def load_classifier(
-    path: str, trust_checkpoint: bool = False, map_location: str = "cpu"
-) -> ClassifierModule:
-    """Rebuild a :class:`ClassifierModule` from a checkpoint, with no Hydra and no download.
-
-    Args:
-        path: a checkpoint written by ``train.py``.
-        trust_checkpoint: allow arbitrary pickled objects (only for files you trust: unpickling
-            can execute code). By default only tensors and plain values are loaded.
-        map_location: device to load onto.
-
-    Raises:
-        CheckpointError: missing, corrupt, unsafe or not an attncam checkpoint.
-    """
-    ckpt = read_checkpoint(path, trust_checkpoint, map_location)
-    hp = dict(ckpt["hyper_parameters"])
-    hp.update(pretrained=False, weights=None)
-    saved = ckpt.get("attncam_version")
-    try:
-        module = ClassifierModule(**hp)
-        module.load_state_dict(ckpt["state_dict"])
-    except (TypeError, RuntimeError, ValueError) as err:
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} (attncam {saved}, model {hp.get('backbone')!r}, attention "
-            f"{hp.get('attention')!r}) does not rebuild with attncam {__version__}: "
-            f"{str(err)[:400]}"
-        ) from None
-    module.eval()
-    return module
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded: missing, corrupt, unsafe or of another model."""
+__all__ = [
+    "ARCHITECTURE_HPARAMS",
+    "OPTIMIZERS",
+    "OPTIM_ARGS",
+    "SCHEDULERS",
+    "CheckpointError",
+    "ClassifierModule",
+    "FreezePretrained",
+    "check_hparams",
+    "load_classifier",
+    "read_checkpoint",
+]

@@ -16,6 +16,7 @@ from torchvision.models import resnet as tv_resnet
 
 from attncam.models.attention import ATTENTION_KINDS, AttentionTap, make_attention
 from attncam.models.backbones import BackboneParts, get_builder
+from attncam.runtime import eval_mode
 
 PLACEMENTS = ("blocks", "last")
 
@@ -188,14 +189,12 @@ class AttentionNet(nn.Module):
             )
             for n in names
         ]
-        was_training = self.training
         try:
-            self.eval()
-            self.features(torch.zeros(1, 3, 64, 64))
+            with eval_mode(self):
+                self.features(torch.zeros(1, 3, 64, 64))
         finally:
             for h in handles:
                 h.remove()
-            self.train(was_training)
         return found
 
     def _insert_attention(

@@ -2,7 +2,8 @@
 
 Every function draws on a private :class:`matplotlib.figure.Figure` with the Agg canvas (no pyplot,
 no global state, safe in worker threads), accepts tensors on any device, and writes its PNG
-atomically: to a temporary file in the destination folder, then :func:`os.replace`.
+atomically through :mod:`attncam.io` (a temporary file in the destination folder, then
+``os.replace``; the file gets the user's umask permissions).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from attncam.io import write_bytes_with
 from attncam.viz.overlay import overlay
 
 __all__ = ["curves_plot", "explanation_grid", "metric_bars", "save_figure", "scatter_ratio_plot"]
@@ -33,7 +34,7 @@ _LABEL_SIZE = 7
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: float = 100) -> Path:
-    """Writes ``fig`` as a PNG atomically (temporary file in the same folder, then ``os.replace``).
+    """Writes ``fig`` as a PNG atomically (:func:`attncam.io.write_bytes_with`).
 
     A failure while drawing or saving leaves neither a partial ``path`` nor a temporary file.
 
@@ -45,19 +46,14 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: float = 100) 
     Returns:
         The destination as a :class:`~pathlib.Path`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.05)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_with(
+        path,
+        lambda handle: fig.savefig(
+            handle, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.05
+        ),
+    )
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -131,29 +127,10 @@ def explanation_grid(
     Raises:
         ValueError: On inconsistent shapes or counts.
     """
-    images = _cpu(images)
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must have shape (N, 3, H, W); got {tuple(images.shape)}")
+    images, cpu_maps, masks = _grid_inputs(images, maps, masks)
     n = images.shape[0]
-    if n == 0:
-        raise ValueError("images is empty; nothing to draw")
-    cpu_maps: dict[str, Tensor] = {}
-    for name, m in maps.items():
-        m = _cpu(m)
-        if m.dim() == 4 and m.shape[1] == 1:
-            m = m[:, 0]
-        if m.dim() != 3 or m.shape[0] != n:
-            raise ValueError(f"maps[{name!r}] must have shape (N={n}, h, w); got {tuple(m.shape)}")
-        cpu_maps[name] = m
     if row_titles is not None and len(row_titles) != n:
         raise ValueError(f"row_titles has {len(row_titles)} entries for {n} images")
-    if masks is not None:
-        masks = masks.detach().to("cpu").bool()
-        if tuple(masks.shape) != (n, *images.shape[-2:]):
-            raise ValueError(
-                f"masks must have shape (N, H, W) = {(n, *images.shape[-2:])}; "
-                f"got {tuple(masks.shape)}"
-            )
     rows = n if max_rows is None else max(1, min(n, max_rows))
     cols = 1 + len(cpu_maps)
 
@@ -167,15 +144,8 @@ def explanation_grid(
         panels = [image.clamp(0, 1)] + [
             overlay(image, m[r], alpha=alpha, cmap=cmap) for m in cpu_maps.values()
         ]
-        outline = masks is not None and bool(masks[r].any())
-        for c, panel in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(panel.permute(1, 2, 0).numpy(), interpolation="bilinear")
-            _hide_ticks(ax)
-            if outline:
-                _draw_outline(ax, masks[r])
-            if r == 0:
-                ax.set_title(titles[c], fontsize=_TITLE_SIZE, pad=3)
+        mask = masks[r] if masks is not None and bool(masks[r].any()) else None
+        _draw_grid_row(axes[r], panels, mask, titles if r == 0 else None)
         if row_titles is not None:
             axes[r, 0].set_ylabel(
                 row_titles[r],
@@ -191,6 +161,52 @@ def explanation_grid(
         # Leave room for the column titles above the first row.
         fig.subplots_adjust(top=1.0 - 0.22 / (rows * cell_size))
     return save_figure(fig, path, dpi=dpi)
+
+
+def _grid_inputs(
+    images: Tensor, maps: Mapping[str, Tensor], masks: Tensor | None
+) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+    """Checked CPU copies: images ``(N, C, H, W)``, maps ``{name: (N, h, w)}``, masks ``(N, H, W)``.
+
+    Raises:
+        ValueError: On inconsistent shapes or counts.
+    """
+    images = _cpu(images)
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, 3, H, W); got {tuple(images.shape)}")
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("images is empty; nothing to draw")
+    cpu_maps: dict[str, Tensor] = {}
+    for name, m in maps.items():
+        m = _cpu(m)
+        if m.dim() == 4 and m.shape[1] == 1:
+            m = m[:, 0]
+        if m.dim() != 3 or m.shape[0] != n:
+            raise ValueError(f"maps[{name!r}] must have shape (N={n}, h, w); got {tuple(m.shape)}")
+        cpu_maps[name] = m
+    if masks is not None:
+        masks = masks.detach().to("cpu").bool()
+        if tuple(masks.shape) != (n, *images.shape[-2:]):
+            raise ValueError(
+                f"masks must have shape (N, H, W) = {(n, *images.shape[-2:])}; "
+                f"got {tuple(masks.shape)}"
+            )
+    return images, cpu_maps, masks
+
+
+def _draw_grid_row(
+    axes: Sequence[Axes], panels: list[Tensor], mask: Tensor | None, titles: list[str] | None
+) -> None:
+    """Draw one grid row: ``panels`` ``(3, H, W)``, the mask outline, the column titles."""
+    for c, panel in enumerate(panels):
+        ax = axes[c]
+        ax.imshow(panel.permute(1, 2, 0).numpy(), interpolation="bilinear")
+        _hide_ticks(ax)
+        if mask is not None:
+            _draw_outline(ax, mask)
+        if titles is not None:
+            ax.set_title(titles[c], fontsize=_TITLE_SIZE, pad=3)
 
 
 def curves_plot(

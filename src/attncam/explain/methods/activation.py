@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from attncam.explain import model_api
 from attncam.explain.methods.base import CAMMethod, Pass, as_bhw, classifier_weight
 from attncam.explain.methods.registry import register_method
 
@@ -42,13 +43,13 @@ class CAM(CAMMethod):
         own = self.options["layer"]
         if own is not None:
             return [own] if isinstance(own, str) else list(own)
-        head_input = getattr(model, "head_input_layer", None)
+        head_input = model_api.head_input_layer(model)
         return [head_input] if head_input is not None else p_layers
 
     def check(self, model: nn.Module, layers: list[str]) -> None:
-        gap_fc = getattr(model, "gap_fc", None)
+        gap_fc = model_api.gap_fc(model)
         if gap_fc is False:
-            name = getattr(model, "backbone_name", type(model).__name__)
+            name = model_api.model_name(model)
             raise ValueError(
                 f"method 'cam' needs a GAP -> FC head, and {name!r} has none (gap_fc=False); "
                 "use gradcam (its generalisation) or a model with a GAP -> FC head"

@@ -1,7 +1,8 @@
 """Methods that read the learned attention maps: ``attention`` and ``attention_guided``.
 
-The maps are read through the identity ``AttentionTap`` modules of the attention blocks
-(``M_c`` ``(B, C, 1, 1)``, ``M_s`` ``(B, 1, h, w)``) with the same capture as CAM activations.
+The maps are read through the identity attention taps of the attention blocks (modules with
+``is_attention_tap = True``, see :mod:`attncam.explain.model_api`; ``M_c`` ``(B, C, 1, 1)``,
+``M_s`` ``(B, 1, h, w)``) with the same capture as CAM activations.
 """
 
 from __future__ import annotations
@@ -11,38 +12,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from attncam.explain import model_api
 from attncam.explain.hooks import INPUT_SUFFIX
 from attncam.explain.methods.base import Method, Pass, finish, fuse, normalize_maps, upsample
 from attncam.explain.methods.gradient import GRAD_DEFAULTS, GradCAM
 from attncam.explain.methods.registry import register_method
-
-
-def _describe(model: nn.Module) -> str:
-    kind = getattr(model, "attention_kind", None)
-    name = getattr(model, "backbone_name", type(model).__name__)
-    return f"{name!r} (attention={kind!r})" if kind is not None else repr(name)
-
-
-def attention_modules(model: nn.Module) -> list[str]:
-    """Dotted names of the model's attention modules, in forward order."""
-    names = getattr(model, "attention_names", None)
-    if names is None:
-        names = [
-            n
-            for n, m in model.named_modules()
-            if n
-            and any(type(c).__name__ == "AttentionTap" for c in m.children())
-            and not n.endswith(("channel_gate", "spatial_gate"))
-        ]
-    return list(names)
-
-
-def spatial_tap(model: nn.Module, module_name: str) -> str | None:
-    """Dotted name of the spatial ``AttentionTap`` inside attention module ``module_name``."""
-    for n, m in model.get_submodule(module_name).named_modules():
-        if type(m).__name__ == "AttentionTap" and getattr(m, "kind", None) == "spatial":
-            return f"{module_name}.{n}"
-    return None
+from attncam.explain.model_api import attention_modules, spatial_tap
 
 
 def _require_spatial(model: nn.Module, names: list[str], method: str) -> list[str]:
@@ -50,7 +25,7 @@ def _require_spatial(model: nn.Module, names: list[str], method: str) -> list[st
     if not taps:
         raise ValueError(
             f"method {method!r} needs learned spatial attention maps (CBAM: attention=cbam or "
-            f"cbam_spatial), and model {_describe(model)} has none"
+            f"cbam_spatial), and model {model_api.describe(model)} has none"
         )
     return taps
 
@@ -60,7 +35,7 @@ def _require_attention(model: nn.Module, method: str) -> list[str]:
     if not names:
         raise ValueError(
             f"method {method!r} needs attention modules (CBAM: attention=cbam), and model "
-            f"{_describe(model)} has none"
+            f"{model_api.describe(model)} has none"
         )
     return names
 
@@ -94,7 +69,9 @@ class Attention(Method):
 
 @register_method("attention_guided")
 class AttentionGuided(Method):
-    """Attention-map-guided Grad-CAM (An & Joe 2022), reconstructed in three variants (SPEC.md).
+    """Attention-map-guided Grad-CAM (An & Joe 2022), reconstructed in three variants.
+
+    docs/METHODS.md, "Attention-map-guided Grad-CAM".
 
     * ``cbam_output`` (default): Grad-CAM with ``A = F''``, the output of the last CBAM module,
       so ``L = ReLU(M_s * sum_k alpha_k M_c,k F_k)``: channel attention re-weights channels and
@@ -118,7 +95,7 @@ class AttentionGuided(Method):
         return GradCAM(counterfactual=self.options["counterfactual"])
 
     def _stage_taps(self, model: nn.Module) -> list[str]:
-        names = getattr(model, "stage_attention_names", None) or _require_attention(model, self.key)
+        names = model_api.stage_attention_names(model) or _require_attention(model, self.key)
         return _require_spatial(model, list(names), self.key)
 
     def check(self, model: nn.Module, layers: list[str]) -> None:

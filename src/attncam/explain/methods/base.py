@@ -4,7 +4,7 @@ A method is a small class registered under its config-file name. Class-activatio
 (:class:`CAMMethod`) only implement ``weights(A, g, p, layer)``, returning channel weights
 ``(B, K)`` or pixel weights ``(B, K, h, w)``; the base class multiplies them with the activations,
 sums over channels, applies ReLU, upsamples bilinearly to the input size and min-max normalises
-each image (SPEC.md, "Explanation methods"). Every method declares the layers it needs with
+each image (docs/METHODS.md, "Notation"). Every method declares the layers it needs with
 gradients (``grad_sites``) and without (``record_sites``), so the
 :class:`~attncam.explain.explainer.Explainer` serves all of them from one shared forward pass and
 one ``torch.autograd.grad`` call.
@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attncam.explain import model_api
 from attncam.explain.hooks import LeafInplaceError, capture
+from attncam.explain.model_api import classifier_weight
+from attncam.explain.naming import result_name
 
 log = logging.getLogger(__name__)
 
 ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
-
-_MISSING = object()
 
 
 # --------------------------------------------------------------------------- map utilities
@@ -88,34 +89,19 @@ def as_bhw(a: torch.Tensor, layer: str) -> torch.Tensor:
 
 
 def default_layers(model: nn.Module, layer: str | list[str] | None) -> list[str]:
-    """The CAM layers: ``layer`` as given, else ``model.cam_layer``."""
+    """The CAM layers: ``layer`` as given, else the model's ``cam_layer``."""
     if layer is None:
-        cam_layer = getattr(model, "cam_layer", None)
-        if cam_layer is None:
+        default = model_api.cam_layer(model)
+        if default is None:
             raise ValueError(
                 f"{type(model).__name__} has no cam_layer attribute; pass layer='dotted.name' "
                 "(e.g. 'layer4' for a torchvision ResNet)"
             )
-        return [cam_layer]
+        return [default]
     layers = [layer] if isinstance(layer, str) else list(layer)
     if not layers or not all(isinstance(x, str) for x in layers):
         raise ValueError(f"layer must be a dotted name or a non-empty list of them, got {layer!r}")
     return layers
-
-
-def classifier_weight(model: nn.Module, name: str | None) -> torch.Tensor:
-    """The final linear layer's weight ``(N, K)``; ``name`` overrides ``model.classifier_name``."""
-    name = name or getattr(model, "classifier_name", None)
-    if name is None:
-        raise ValueError(
-            f"{type(model).__name__} has no classifier_name; pass the option "
-            "classifier='dotted.name' of its final nn.Linear"
-        )
-    module = model.get_submodule(name)
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"classifier {name!r} ({type(module).__name__}) has no weight")
-    return weight.detach().flatten(1)
 
 
 # --------------------------------------------------------------------------- the shared pass
@@ -292,20 +278,10 @@ class Method:
         ``gradcampp`` with ``variant="torchcam020"`` is ``gradcampp[torchcam020]`` (a
         ``variant`` shows its value only), ``scacam`` with ``channel_weight="fc"`` is
         ``scacam[channel_weight=fc]``, a true flag shows its name alone
-        (``gradcam[counterfactual]``); several are joined by commas in sorted order.
+        (``gradcam[counterfactual]``); several are joined by commas in sorted order
+        (:func:`attncam.explain.naming.result_name`).
         """
-        parts = []
-        for k in sorted(self.given):
-            v = self.given[k]
-            if v == self.defaults.get(k, _MISSING):
-                continue
-            if k == "variant":
-                parts.append(str(v))
-            elif v is True:
-                parts.append(k)
-            else:
-                parts.append(f"{k}={v}")
-        return f"{self.key}[{','.join(parts)}]" if parts else self.key
+        return result_name(self.key, self.given, self.defaults)
 
     def layers(self, p_layers: list[str], model: nn.Module) -> list[str]:
         """CAM layers this method uses (its ``layer`` option, else the Explainer's)."""

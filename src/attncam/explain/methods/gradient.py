@@ -1,6 +1,6 @@
 """Gradient CAMs: one weight function each, all fed by the shared forward/backward pass.
 
-Notation (SPEC.md): ``A`` ``(B, K, h, w)`` the target layer's output, ``g = d y^c / d A`` the
+Notation (docs/METHODS.md, "Notation"): ``A`` ``(B, K, h, w)`` the target layer's output, ``g = d y^c / d A`` the
 gradient of the target logit, ``Z = h * w``. Every method here takes ``counterfactual=True``
 (Grad-CAM paper, sec. 3 "Counterfactual explanations"): ``g`` is negated, showing what argues
 against the class.
@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from attncam.explain import model_api
 from attncam.explain.methods.base import (
     CAMMethod,
     Pass,
@@ -151,7 +152,7 @@ class SmoothGradCAMPP(CAMMethod):
         torchcam = self.options["variant"] == "torchcam020"
         scale = torch.full((1, p.images.shape[1], 1, 1), sigma, device=p.images.device)
         if torchcam:
-            std = getattr(p.model, "input_std", None)
+            std = model_api.input_std(p.model)
             if std is not None:
                 scale = scale * torch.tensor(std, device=scale.device).view(1, -1, 1, 1)
         gen = None
@@ -259,7 +260,7 @@ class SCACAM(CAMMethod):
     uses_gradients = True
 
     def check(self, model: nn.Module, layers: list[str]) -> None:
-        if self.options["channel_weight"] == "fc" and getattr(model, "gap_fc", None) is False:
+        if self.options["channel_weight"] == "fc" and model_api.gap_fc(model) is False:
             raise ValueError(
                 "scacam channel_weight=fc needs a GAP -> FC head (SCA-CAM eq. 21); this model "
                 "has gap_fc=False; use channel_weight=grad (eq. 22)"

@@ -9,7 +9,7 @@ from attncam.explain.methods.base import Method
 
 _METHODS: dict[str, type[Method]] = {}
 
-# SPEC.md's table order (then occlusion), used by available_methods() and the "all" group.
+# The order of the methods table in docs/METHODS.md, used by available_methods() and "all".
 ORDER = (
     "featuremap", "cam", "gradcam", "gradcampp", "smoothgradcampp", "xgradcam", "layercam",
     "hirescam", "scacam", "scorecam", "ablationcam", "eigencam", "attention", "attention_guided",
@@ -31,7 +31,7 @@ def register_method(key: str) -> Callable[[type[Method]], type[Method]]:
 
 
 def available_methods() -> list[str]:
-    """Registered keys, in registration order (the SPEC.md table's order)."""
+    """Registered keys, in the order of the methods table in docs/METHODS.md."""
     _load()
     rank = {k: i for i, k in enumerate(ORDER)}
     return sorted(_METHODS, key=lambda k: (rank.get(k, len(ORDER)), k))
