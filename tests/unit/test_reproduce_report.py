@@ -89,6 +89,8 @@ def test_settings_and_paper() -> None:
     with pytest.raises(SystemExit, match="unknown scale 'paper'; choose one of: cpu"):
         load_settings(["scale=paper"])
     paper = load_paper()
+    # The published numbers of conf/reproduce/paper.yaml are the ones the committed report prints.
+    assert paper == ReportInputs.from_tables(DOCS).paper
     an = paper["an_joe"]
     assert an["percentage_in_gradcam"] == an["percentage_in"]["gradcam"]
     assert len(an["methods"]) == len(an["average_drop"]) == len(an["increase_in_confidence"])

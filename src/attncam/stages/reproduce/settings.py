@@ -42,8 +42,11 @@ def load_settings(argv: Sequence[str], conf_dir: Path = CONF) -> DictConfig:
         The merged settings.
 
     Raises:
-        SystemExit: the scale has no file (the message lists the valid scales).
+        SystemExit: the scale has no file (the message lists the valid scales), or there is no
+            ``conf_dir/reproduce`` (not a checkout).
     """
+    if not (conf_dir / "reproduce").is_dir():
+        raise SystemExit(f"no {conf_dir / 'reproduce'}: run from a checkout of attncam")
     dots = [a for a in argv if "=" in a]
     scale = next((a.split("=", 1)[1] for a in dots if a.startswith("scale=")), "cpu")
     path = conf_dir / "reproduce" / f"{scale}.yaml"
