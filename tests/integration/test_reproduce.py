@@ -1,4 +1,9 @@
-"""scripts/reproduce.py scale=tiny end to end: every stage runs and the report has every section."""
+"""scripts/reproduce.py scale=tiny end to end: every stage runs and the report has every section.
+
+The script is a thin wrapper of ``attncam.stages.reproduce``; the explain stage writes the
+per-image values the paired tests use (``per_image.json``), and the report re-renders from the
+tables the run wrote.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from attncam.stages.reproduce.report import ReportInputs, render_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,14 +62,21 @@ def _script() -> ModuleType:
     return module
 
 
+def _args(out: Path, cache_dir: str) -> list[str]:
+    return ["scale=tiny", f"work_dir={out / 'work'}", f"docs_dir={out / 'docs'}",
+            f"data.cache_dir={cache_dir}"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Path:
+def tiny_out(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Path:
     out = tmp_path_factory.mktemp("reproduce")
-    _script().main(
-        ["scale=tiny", f"work_dir={out / 'work'}", f"docs_dir={out / 'docs'}",
-         f"data.cache_dir={cache_dir}"]
-    )  # fmt: skip
-    return out / "docs"
+    _script().main(_args(out, cache_dir))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_out: Path) -> Path:
+    return tiny_out / "docs"
 
 
 def test_report_has_every_section_table_and_figure(tiny_run: Path) -> None:
@@ -103,3 +117,34 @@ def test_numbers_are_consistent(tiny_run: Path) -> None:
     paired = [r for r in sig if r["paired"]]
     assert paired and all(r["low"] <= r["diff"] <= r["high"] and 0 <= r["p"] <= 1 for r in paired)
     assert any(r["a"] == "attention_guided" and r["b"] == "gradcam" for r in paired)
+
+
+def test_per_image_values_from_the_explain_stage(tiny_out: Path) -> None:
+    raw = json.loads((tiny_out / "work" / "explain" / "tiny_cbam" / "per_image.json").read_text())
+    assert raw["image_ids"] == list(range(8))  # explain.limit=8 in tiny.yaml
+    gradcam = raw["methods"]["gradcam"]
+    assert {"average_drop", "deletion", "morf", "lerf", "percentage_in@5"} <= set(gradcam)
+    assert set(gradcam["average_drop"]) <= {str(i) for i in raw["image_ids"]}
+
+
+def test_report_rerenders_from_its_tables(tiny_run: Path) -> None:
+    text = (tiny_run / "REPRODUCTION.md").read_text()
+    written = text.split(" on ", 1)[1][:16]
+    inputs = ReportInputs.from_tables(tiny_run, written=written)
+    again = render_report(inputs).splitlines()
+    # The run's own wall time is rounded differently in the manifest (written after the report).
+    skip = ("Written by", "Sum of the stage wall times")
+    assert [x for x in again if not x.startswith(skip)] == [
+        x for x in text.splitlines() if not x.startswith(skip)
+    ]
+
+
+@pytest.mark.slow
+def test_reuse_picks_up_finished_stages(tiny_out: Path, cache_dir: str) -> None:
+    first = json.loads((tiny_out / "docs" / "reproduction" / "significance.json").read_text())
+    _script().main([*_args(tiny_out, cache_dir), "reuse=true"])
+    manifest = json.loads((tiny_out / "docs" / "reproduction" / "manifest.json").read_text())
+    assert manifest["reuse"] is True
+    assert "explain tiny (every method)" in manifest["stages_seconds"]  # the recorded time
+    again = json.loads((tiny_out / "docs" / "reproduction" / "significance.json").read_text())
+    assert again == first

@@ -1,0 +1,282 @@
+"""Reproduce, as far as this codebase can, the three papers' results and write the report.
+
+One command trains (or reuses) the backbones, explains them, scores every map and writes
+``docs/REPRODUCTION.md`` with its tables, figures and manifests::
+
+    python scripts/reproduce.py scale=cpu       # synthetic data, <= 45 min on an idle 2-core CPU
+    python scripts/reproduce.py scale=tiny work_dir=/tmp/r docs_dir=/tmp/r/docs   # the test
+    python scripts/reproduce.py scale=imagenet  # the published protocol (GPU, ImageNet)
+    python scripts/reproduce.py scale=imagenet --print-commands   # the equivalent CLI commands
+
+Settings live in ``conf/reproduce/<scale>.yaml``; any key can be overridden as ``key=value``
+(OmegaConf dot-list, e.g. ``explain.limit=100 reuse=true``); the published numbers the report
+prints beside ours are in ``conf/reproduce/paper.yaml``. The stages (``experiments``):
+
+a. fine-tuning: every family x {none, cbam} with ``attncam.stages.train.run`` (An & Joe table 2);
+b. the paper's methods on every CBAM backbone with ``attncam.stages.explain.run`` (tables 3, 4),
+   plus the Percentage-in variants re-scored from the stored maps;
+c. SCA-CAM: the class-activation-weight ratio ``W_fc / mean gradient = Z`` (its figure 10), and
+   featuremap vs CAM vs Grad-CAM vs SCA-CAM;
+d. Grad-CAM: Guided Grad-CAM figures and the cascading-randomisation sanity check;
+e. every method on one GAP -> FC backbone with insertion/deletion, ROAD and the pointing games,
+   with paired-bootstrap tests on the per-image values.
+
+The report (``report``) is rendered from the tables the run writes into ``docs/reproduction``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from attncam.runtime import library_versions
+from attncam.stages.reproduce.experiments import (
+    Timer,
+    copy_file,
+    explain_run,
+    load_per_image,
+    sanity_plot,
+    significance,
+    stage_caw,
+    stage_percentage_variants,
+    stage_sanity,
+    stage_scacam_grid,
+    stage_train,
+    write_table,
+)
+from attncam.stages.reproduce.names import AG_VARIANTS, PAPER_BASELINES, is_paired_metric
+from attncam.stages.reproduce.report import (
+    ReportInputs,
+    closest_variant,
+    imagenet_commands,
+    write_report,
+)
+from attncam.stages.reproduce.settings import ROOT, load_paper, load_settings, resolve_dir
+
+log = logging.getLogger(__name__)
+
+
+def _explain_all(
+    s: DictConfig, work: Path, trained: dict[str, dict[str, Any]], timer: Timer
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Path]]:
+    """Explain every CBAM backbone (the beyond family first) and re-score its Percentage-in.
+
+    Returns:
+        ``(runs, percentage-in variants, checkpoints)``, runs in the order of the families.
+    """
+    runs: dict[str, dict[str, Any]] = {}
+    pvar: dict[str, Any] = {}
+    ckpts: dict[str, Path] = {}
+    families = list(s.train.families)
+    beyond = s.explain.beyond_family
+    order = [beyond, *[f for f in families if f != beyond]] if beyond in families else families
+    for fam in order:
+        key = f"{fam}/cbam"
+        if key not in trained:
+            continue
+        ckpt = Path(trained[key]["best_checkpoint"] or trained[key]["last_checkpoint"])
+        ckpts[fam] = ckpt
+        runs[fam] = explain_run(s, work, fam, ckpt, fam == beyond, timer)
+        pvar[fam] = stage_percentage_variants(s, runs[fam], ckpt, timer, fam)
+    return {f: runs[f] for f in families if f in runs}, pvar, ckpts
+
+
+def _copy_run_figures(runs: dict[str, dict[str, Any]], figures: Path) -> list[str]:
+    """The explain runs' grid, curves and metrics figures as ``<family>_<name>.png``."""
+    names: list[str] = []
+    for fam, r in runs.items():
+        for name in ("grid", "curves", "metrics"):
+            src = Path(r["output_dir"]) / "figures" / f"{name}.png"
+            if src.is_file():
+                copy_file(src, figures / f"{fam}_{name}.png")
+                names.append(f"{fam}_{name}.png")
+    return names
+
+
+def _significance_all(
+    s: DictConfig, runs: dict[str, dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Per backbone: every method vs the reference, and each attention-guided variant vs the
+    other baselines, on every paired per-image metric."""
+    sig: dict[str, list[dict[str, Any]]] = {}
+    ref = s.significance.reference
+    for fam, r in runs.items():
+        names = r["methods"]
+        pairs = [(m, ref) for m in names if m != ref]
+        pairs += [
+            (v, b) for v in AG_VARIANTS if v in names for b in PAPER_BASELINES[1:] if b in names
+        ]
+        metrics = sorted({k for v in r["per_image"].values() for k in v if is_paired_metric(k)})
+        sig[fam] = significance(r["per_image"], pairs, metrics, s)
+    return sig
+
+
+def _write_tables(tables: Path, paper: dict[str, Any], results: dict[str, Any]) -> None:
+    """``docs/reproduction/*.json``: every table of the report (the manifest comes last)."""
+    runs, beyond = results["runs"], results["beyond"]
+    write_table(tables / "methods.json", {
+        "paper": paper["an_joe"],
+        "backbones": {f: {"results": r["results"], "run": r["output_dir"]} for f, r in runs.items()},
+    })  # fmt: skip
+    write_table(
+        tables / "percentage_in_variants.json",
+        {"closest": closest_variant(results["pvar"], paper), "backbones": results["pvar"]},
+    )
+    write_table(tables / "scacam.json", {"caw": results["caw"], "maps": results["scagrid"]})
+    write_table(tables / "sanity.json", results["sanity"])
+    write_table(tables / "significance.json", results["sig"])
+    write_table(tables / "beyond.json", {
+        "family": beyond, "results": runs[beyond]["results"], "paper": {
+            k: paper[k] for k in ("rise_resnet50", "gradcampp_vgg16", "scorecam_vgg16")},
+    })  # fmt: skip
+
+
+def git_commit(root: Path = ROOT) -> str | None:
+    """The checkout's commit, or ``None`` outside a git checkout."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def manifest(
+    s: DictConfig, command: str, timer: Timer, results: dict[str, Any], docs: Path, report: Path
+) -> dict[str, Any]:
+    """The run's manifest: settings, commit, timings, host, versions, runs, tables, figures."""
+    tables = docs / "reproduction"
+    return {
+        "command": command,
+        "scale": s.scale,
+        "settings": OmegaConf.to_container(s, resolve=True),
+        "git_commit": git_commit(),
+        "wall_seconds": timer.total,
+        "stage_seconds_total": timer.stage_total,
+        "reuse": bool(s.reuse),
+        "stages_seconds": timer.stages,
+        "host": {
+            "node": platform.node(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "versions": library_versions(),
+        "train_runs": {
+            k: {"output_dir": v.get("output_dir"), "best_checkpoint": v.get("best_checkpoint")}
+            for k, v in results["trained"].items()
+        },
+        "explain_runs": {
+            f: {
+                "output_dir": r["output_dir"],
+                "n_images": r["manifest"]["n_images"],
+                "methods": r["methods"],
+                "seconds": r["manifest"].get("seconds"),
+                "checkpoint_sha256": r["manifest"].get("checkpoint_sha256"),
+            }
+            for f, r in results["runs"].items()
+        },
+        "tables": sorted(p.name for p in tables.glob("*.json")),
+        "figures": results["figures"],
+        "report": str(report.relative_to(docs)),
+    }
+
+
+def run_experiments(
+    s: DictConfig, work: Path, docs: Path, timer: Timer, paper: dict[str, Any]
+) -> dict[str, Any]:
+    """Every stage: training, explain runs, SCA-CAM, sanity, significance.
+
+    Returns:
+        ``trained``, ``runs``, ``pvar``, ``caw``, ``scagrid``, ``sanity``, ``sig``, ``figures``
+        and ``beyond`` (the family explained with every method).
+    """
+    figures, tables = docs / "figures", docs / "reproduction"
+    trained = stage_train(s, work, timer)
+    write_table(tables / "finetune.json", {"runs": trained, "paper": paper["cbam_resnet50"]})
+    runs, pvar, ckpts = _explain_all(s, work, trained, timer)
+    fig_names = _copy_run_figures(runs, figures)
+    beyond = s.explain.beyond_family
+    with timer.stage("scacam"):
+        caw = stage_caw(s, ckpts[s.caw.family], s.caw.family, figures)
+        scagrid = stage_scacam_grid(
+            runs[beyond], ckpts[beyond], figures, int(s.explain.figure_rows)
+        )
+    fig_names += [caw["figure"], scagrid["figure"]]
+    with timer.stage("sanity"):
+        sanity = stage_sanity(s, ckpts[s.sanity.family], figures)
+        sanity_plot(sanity, figures / "sanity_curves.png")
+    fig_names += [*sanity["figures"], "sanity_curves.png"]
+    with timer.stage("significance"):
+        sig = _significance_all(s, runs)
+    return {
+        "trained": trained, "runs": runs, "pvar": pvar, "caw": caw, "scagrid": scagrid,
+        "sanity": sanity, "sig": sig, "figures": fig_names, "beyond": beyond,
+    }  # fmt: skip
+
+
+def run(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
+    """Run every stage of the settings' scale and write the report, its tables and manifest.
+
+    Args:
+        s: Settings from :func:`~attncam.stages.reproduce.settings.load_settings`.
+        command: The command line recorded in the manifest.
+
+    Returns:
+        ``{"report": path, "seconds": wall seconds, "docs": the docs folder}``.
+    """
+    if s.get("threads"):
+        torch.set_num_threads(int(s.threads))
+    work, docs = resolve_dir(s.work_dir), resolve_dir(s.docs_dir)
+    for p in (work, docs / "figures", docs / "reproduction"):
+        p.mkdir(parents=True, exist_ok=True)
+    timer = Timer(work / "timings.json", bool(s.reuse))
+    log.info("reproduce scale=%s -> %s (work %s)", s.scale, docs, work)
+    paper = load_paper()
+    results = run_experiments(s, work, docs, timer, paper)
+    _write_tables(docs / "reproduction", paper, results)
+    inputs = ReportInputs(
+        settings=s, paper=paper, **{k: v for k, v in results.items() if k != "beyond"},
+        stages=timer.stages, stage_total=timer.stage_total, total=timer.total,
+        written=time.strftime("%Y-%m-%d %H:%M"), host=platform.node(),
+        torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
+    )  # fmt: skip
+    report = write_report(inputs, docs)
+    write_table(
+        docs / "reproduction" / "manifest.json",
+        manifest(s, command, timer, results, docs, report),
+    )
+    log.info("report written to %s in %.0f s", report, timer.total)
+    return {"report": str(report), "seconds": timer.total, "docs": str(docs)}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The command line: ``scale=cpu|tiny|imagenet``, ``key=value``, ``--print-commands``."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("overrides", nargs="*", help="scale=cpu|tiny|imagenet and key=value")
+    parser.add_argument("--print-commands", action="store_true",
+                        help="print the ImageNet protocol's commands and exit")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.print_commands:
+        sys.stdout.write("\n".join(imagenet_commands()) + "\n")
+        return {}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    s = load_settings(args.overrides)
+    command = " ".join([Path(sys.argv[0]).name, *(args.overrides or [])])
+    return run(s, command)
+
+
+__all__ = ["load_per_image", "load_settings", "main", "manifest", "run", "run_experiments"]

@@ -1,0 +1,148 @@
+"""Settings of a reproduction: the scale's YAML, ``key=value`` overrides, stage configs.
+
+``conf/reproduce/<scale>.yaml`` (optionally on top of the scale it names in ``defaults_from``)
+holds the sizes of every stage; ``conf/reproduce/paper.yaml`` the published numbers. The train and
+explain configs of each stage are composed from ``conf/`` with Hydra's compose API, exactly as the
+command lines that ``--print-commands`` shows would compose them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+#: The checkout: ``conf/`` lives here, and relative ``work_dir`` / ``docs_dir`` resolve against it.
+ROOT = Path(__file__).resolve().parents[4]
+CONF = ROOT / "conf"
+
+#: Files in ``conf/reproduce`` that are not a scale.
+NOT_A_SCALE = frozenset({"paper"})
+
+
+def scales(conf_dir: Path = CONF) -> list[str]:
+    """The scales in ``conf_dir/reproduce`` (``cpu``, ``imagenet``, ``tiny``, ...), sorted."""
+    found = (p.stem for p in (conf_dir / "reproduce").glob("*.yaml"))
+    return sorted(s for s in found if s not in NOT_A_SCALE)
+
+
+def load_settings(argv: Sequence[str], conf_dir: Path = CONF) -> DictConfig:
+    """``conf/reproduce/<scale>.yaml`` (with its ``defaults_from`` base) plus ``key=value``.
+
+    Args:
+        argv: Command-line words; those with ``=`` are OmegaConf dot-list overrides, and
+            ``scale=NAME`` picks the file (default ``cpu``).
+        conf_dir: The ``conf/`` folder.
+
+    Returns:
+        The merged settings.
+
+    Raises:
+        SystemExit: the scale has no file (the message lists the valid scales), or there is no
+            ``conf_dir/reproduce`` (not a checkout).
+    """
+    if not (conf_dir / "reproduce").is_dir():
+        raise SystemExit(f"no {conf_dir / 'reproduce'}: run from a checkout of attncam")
+    dots = [a for a in argv if "=" in a]
+    scale = next((a.split("=", 1)[1] for a in dots if a.startswith("scale=")), "cpu")
+    path = conf_dir / "reproduce" / f"{scale}.yaml"
+    if scale in NOT_A_SCALE or not path.is_file():
+        raise SystemExit(f"unknown scale '{scale}'; choose one of: {', '.join(scales(conf_dir))}")
+    cfg = OmegaConf.load(path)
+    base = cfg.pop("defaults_from", None)
+    if base:
+        merged = OmegaConf.load(conf_dir / "reproduce" / f"{base}.yaml")
+        # A list or null in the scale file replaces the base's value (OmegaConf merges dicts).
+        cfg = OmegaConf.merge(merged, cfg)
+    cfg = OmegaConf.merge(
+        cfg, OmegaConf.from_dotlist([a for a in dots if not a.startswith("scale=")])
+    )
+    assert isinstance(cfg, DictConfig)
+    return cfg
+
+
+def load_paper(conf_dir: Path = CONF) -> dict[str, Any]:
+    """The published numbers, ``conf/reproduce/paper.yaml`` as plain containers."""
+    paper = OmegaConf.to_container(
+        OmegaConf.load(conf_dir / "reproduce" / "paper.yaml"), resolve=True
+    )
+    assert isinstance(paper, dict)
+    return paper  # type: ignore[return-value]
+
+
+def resolve_dir(path: str, root: Path = ROOT) -> Path:
+    """``path`` itself when absolute, else relative to the checkout."""
+    return Path(path) if Path(path).is_absolute() else root / path
+
+
+def compose_cfg(name: str, overrides: list[str], conf_dir: Path = CONF) -> DictConfig:
+    """A ``train`` or ``explain`` config composed with Hydra's compose API."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def data_overrides(s: DictConfig) -> list[str]:
+    """``data.<key>=<value>`` for the synthetic data settings of the scale."""
+    if not s.get("data"):
+        return []
+    out = ["data=synthetic"]
+    for k, v in s.data.items():
+        out.append(f"data.{k}={'null' if v is None else v}")
+    return out
+
+
+def train_overrides(s: DictConfig, family: str, attention: str) -> list[str]:
+    """The ``train.py`` overrides of one fine-tuning run."""
+    t = s.train
+    ov = [f"experiment={t.experiment}"] if t.get("experiment") else []
+    ov += [f"model={family}", f"attention={attention}", "logger=none", f"seed={s.seed}"]
+    ov += data_overrides(s) + list(t.get("overrides") or [])
+    ov += list((t.get("family_overrides") or {}).get(family) or [])
+    if s.get("threads"):
+        ov.append(f"threads={s.threads}")
+    return ov
+
+
+def explain_overrides(s: DictConfig, ckpt: Path, metrics: Sequence[str]) -> list[str]:
+    """The ``explain.py`` overrides of one explain run (methods are set on the config).
+
+    The run keeps its maps (``maps.npz``, re-scored by the Percentage-in variants) and its
+    per-image metric values (``per_image.json``, paired by the significance tests).
+    """
+    e = s.explain
+    ov = [f"ckpt={ckpt}", "method=paper", "metrics=default", "logger=none", "save_maps=true"]
+    ov += ["save_per_image=true"]
+    ov += [f"limit={e.limit if e.limit is not None else 'null'}", f"batch_size={e.batch_size}"]
+    ov += [f"figure_rows={e.figure_rows}", f"metrics.num_resamples={e.num_resamples}"]
+    ov += [
+        f"metrics.protocol.steps={e.steps}",
+        f"metrics.pointing_tolerance={e.pointing_tolerance}",
+    ]
+    ov += [f"metrics.protocol.road_percentages=[{','.join(str(p) for p in e.road_percentages)}]"]
+    ov += [f"metrics.enabled=[{','.join(metrics)}]", "metrics.win=false"]
+    if e.get("data"):
+        ov += [f"data={e.data}", f"split={e.get('split', 'test')}"]
+    if e.get("trainer"):
+        ov.append(f"trainer={e.trainer}")
+    if s.get("threads"):
+        ov.append(f"threads={s.threads}")
+    return ov
+
+
+__all__ = [
+    "CONF",
+    "ROOT",
+    "compose_cfg",
+    "data_overrides",
+    "explain_overrides",
+    "load_paper",
+    "load_settings",
+    "resolve_dir",
+    "scales",
+    "train_overrides",
+]
