@@ -78,7 +78,9 @@ def test_the_checker_sees_a_forbidden_edge(tmp_path: Path) -> None:
 
 def test_every_package_is_covered_by_a_rule() -> None:
     packages = {_package(p) for p in SRC.rglob("*.py")} - {"__init__", "stages"}
-    assert packages <= set(FORBIDDEN), f"packages without a dependency rule: {packages - set(FORBIDDEN)}"
+    assert packages <= set(FORBIDDEN), (
+        f"packages without a dependency rule: {packages - set(FORBIDDEN)}"
+    )
 
 
 def _functions(path: Path) -> list[tuple[str, int]]:
@@ -92,7 +94,9 @@ def _functions(path: Path) -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize("limit", [80])
 def test_no_function_in_src_is_over_80_lines(limit: int) -> None:
-    long = [f"{name} ({n} lines)" for p in SRC.rglob("*.py") for name, n in _functions(p) if n > limit]
+    long = [
+        f"{name} ({n} lines)" for p in SRC.rglob("*.py") for name, n in _functions(p) if n > limit
+    ]
     assert not long, "functions over 80 lines:\n" + "\n".join(long)
 
 
@@ -104,7 +108,9 @@ def test_explain_stage_stays_thin() -> None:
     from attncam.metrics import METRIC_KEYS
 
     named = [k for k in METRIC_KEYS if k in step]
-    assert not named, f"the explain test step names metrics {named}: dispatch belongs to MetricSuite"
+    assert not named, (
+        f"the explain test step names metrics {named}: dispatch belongs to MetricSuite"
+    )
 
 
 def test_ruff_rules_hold_in_src() -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from attncam.data.files import ImageFilesDataset, image_paths
-from attncam.explain import Explainer, available_methods, get_method, methods_from_config
+from attncam.explain import Explainer, available_methods, get_method, methods_from_config, model_api
 from attncam.io import sha256_file
 from attncam.models.checkpoint import load_classifier
 from attncam.models.net import AttentionNet
@@ -82,7 +82,7 @@ def load_model(cfg: DictConfig) -> ModelInfo:
             net=net,
             source="pretrained",
             hparams={"backbone": str(name.backbone), "attention": "none", "num_classes": 1000},
-            class_names=net.class_names,
+            class_names=model_api.class_names(net),
         )
     raise ExplainInputError(
         "nothing to explain: pass ckpt=PATH (a checkpoint written by train.py) or model=NAME "
@@ -138,7 +138,7 @@ def load_data(cfg: DictConfig, model: ModelInfo) -> DataInfo:
     if len(ds) == 0:
         raise ExplainInputError(f"the {split} split of {data_cfg._target_} is empty")
     names = list(dm.class_names)
-    n_model = int(getattr(model.net, "num_classes", len(names)))
+    n_model = model_api.num_classes(model.net) or len(names)
     if len(names) != n_model:
         raise ExplainInputError(
             f"the data has {len(names)} classes but the model predicts {n_model}: explain a "

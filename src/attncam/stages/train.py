@@ -142,15 +142,17 @@ def _build(cfg: DictConfig, out: Path) -> tuple[Any, ClassifierModule, L.Trainer
     return datamodule, module, trainer, trainer_kwargs
 
 
-def _results(cfg: DictConfig, out: Path, trainer: L.Trainer, datamodule: Any) -> dict[str, Any]:
+def _results(
+    cfg: DictConfig, out: Path, trainer: L.Trainer, datamodule: Any, module: ClassifierModule
+) -> dict[str, Any]:
     """What ``results.json`` records after fitting (before testing)."""
     results: dict[str, Any] = {
         "output_dir": str(out),
         "num_classes": int(datamodule.num_classes),
         "class_names": list(getattr(datamodule, "class_names", []) or []),
         "model": cfg.model.backbone,
-        "attention": cfg.model.get("attention", "none"),
-        "placement": cfg.model.get("placement", "blocks"),
+        "attention": module.hparams.attention,
+        "placement": module.hparams.placement,
         "epochs": trainer.current_epoch,
     }
     results.update(_metrics_over_processes(trainer, ("val/", "train/")))
@@ -184,7 +186,10 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     trust = bool(cfg.get("trust_checkpoint", False))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=not trust)
     fit_seconds = time.perf_counter() - start
-    results = {"fit_seconds": round(fit_seconds, 2), **_results(cfg, out, trainer, datamodule)}
+    results = {
+        "fit_seconds": round(fit_seconds, 2),
+        **_results(cfg, out, trainer, datamodule, module),
+    }
     if cfg.get("test", True) and not trainer_kwargs.get("fast_dev_run"):
         datamodule.setup("test")
         best = results["best_checkpoint"]
