@@ -932,7 +932,7 @@ def _footnotes(rows: Sequence[ComparisonRow]) -> list[str]:
         "equivalent.",
         f"- SESOI (smallest effect of interest, metric units): {sesoi}.",
         f"- MDE: smallest difference detectable with 80% power at alpha {alpha} two-sided, "
-        "(z_{1-alpha/2} + z_0.8) sd(d)/sqrt(n); an MDE above the SESOI means more images are needed.",
+        "(z_{1-alpha/2} + z_0.8) sd(d)/sqrt(n); an MDE above the SESOI: more images needed.",
     ]
     return notes
 
