@@ -290,7 +290,11 @@ def bca_interval(
     accel = float((u**3).sum()) / denom if denom > 0 else 0.0
     tail = (1.0 - confidence) / 2.0
     z = special.ndtri(np.array([tail, 1.0 - tail]))
-    levels = special.ndtr(z0 + (z0 + z) / (1.0 - accel * (z0 + z)))
+    shrink = 1.0 - accel * (z0 + z)
+    if not np.all(shrink > 0):  # |a| so large the adjustment is undefined: plain percentiles
+        log.warning("BCa adjustment undefined (acceleration %.3g); using percentiles", accel)
+        shrink, z0 = np.ones_like(z), 0.0
+    levels = special.ndtr(z0 + (z0 + z) / shrink)
     low, high = np.quantile(boot, levels)
     return float(low), float(high)
 
@@ -566,7 +570,7 @@ def resolve_sesoi(metric: str, sesoi: Mapping[str, float] | None = None) -> floa
                 return value
     raise ValueError(
         f"no smallest effect of interest for metric {metric!r}; pass sesoi={{{metric!r}: ...}} "
-        f"(defaults exist for: {', '.join(sorted(DEFAULT_SESOI))})"
+        f"or leave the metric out (defaults exist for: {', '.join(sorted(DEFAULT_SESOI))})"
     )
 
 
