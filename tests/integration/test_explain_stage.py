@@ -73,10 +73,15 @@ def test_all_methods_run_and_every_applicable_one_is_reported(
          "save_maps=true"],
     )  # fmt: skip
     res = explain_stage.run(cfg)
-    assert set(res["methods"]) == set(available_methods())  # tiny+CBAM supports every method
+    # tiny+CBAM supports every method; with CBAM in its residual blocks, the attention-guided
+    # methods also get Grad-CAM on their own tensor as control rows.
+    controls = set(res["controls"])
+    assert controls and all(c.startswith("gradcam[layer=") for c in controls)
+    assert set(res["methods"]) - controls == set(available_methods())
     assert res["skipped_methods"] == []
     maps = __import__("numpy").load(out / "maps.npz")
-    assert len(maps.files) == len(res["methods"])
+    baselines = json.loads((out / "metrics.json").read_text())["baselines"]
+    assert len(maps.files) == len(res["methods"]) + len(baselines)
 
 
 def test_inapplicable_methods_are_skipped_and_reported_or_strict(
@@ -265,3 +270,45 @@ def test_sanity_check_runs_when_enabled(checkpoint: Path, tmp_path: Path) -> Non
     # Grad-CAM depends on the classifier's weights; randomising them changes its maps.
     assert sanity["gradcam"]["spearman@head.fc"]["value"] < 0.99
     assert "sanity.json" in json.loads((out / "manifest.json").read_text())["files"]
+
+
+def test_baselines_controls_subset_and_comparison(checkpoint: Path, tmp_path: Path) -> None:
+    """Baseline rows, a seeded stratified subset with its ids, the paired comparison file."""
+    out = tmp_path / "run"
+    res = explain_stage.run(
+        _explain_cfg(
+            out,
+            [
+                f"ckpt={checkpoint}",
+                "method=[gradcam,xgradcam]",
+                "limit=12",
+                "batch_size=8",
+                "compare=gradcam",
+                "compare_resamples=20000",
+            ],
+        )  # fmt: skip
+    )
+    table = json.loads((out / "metrics.json").read_text())
+    assert table["baselines"] == ["baseline_centre", "baseline_random", "baseline_oracle"]
+    for b in table["baselines"]:
+        assert table["methods"][b]["pointing_game"]["n"] >= 1
+    assert "win_vs_baseline_centre" not in table["methods"]["gradcam"]  # baselines never paired
+    md = (out / "metrics.md").read_text()
+    assert "| baseline_centre *(baseline)* |" in md and "Baselines know nothing" in md
+    ids = json.loads((out / "image_ids.json").read_text())
+    assert len(ids) == res["n_images"] == 12 and ids == sorted(ids) and ids != list(range(12))
+    labels = {json.loads((out / "predictions.json").read_text())[i]["label"] for i in range(12)}
+    assert len(labels) > 1  # stratified: more than the first class of the split
+    per_image = json.loads((out / "per_image.json").read_text())
+    assert per_image["image_ids"] == ids
+    assert set(per_image["methods"]["gradcam"]["average_drop"]) <= {str(i) for i in ids}
+    rows = json.loads((out / "comparison.json").read_text())
+    assert {r["method"] for r in rows} == {"xgradcam", *table["baselines"]}
+    assert all(r["verdict"] in ("better", "worse", "equivalent", "inconclusive") for r in rows)
+    assert "gradcam" in (out / "comparison.md").read_text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["baselines"] == table["baselines"] and "commit" in manifest["git"]
+    assert (
+        manifest["layers"]["per_method"]["gradcam"]["sizes"][0]
+        == manifest["layers"]["sites"][manifest["layers"]["per_method"]["gradcam"]["layers"][0]]
+    )

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attncam.explain.hooks import resolve_module
+from attncam.explain.hooks import capture, resolve_module
 from attncam.explain.methods.base import (
     Method,
     Pass,
@@ -266,6 +266,29 @@ class Explainer:
     def names(self) -> list[str]:
         """Result keys, in order."""
         return [m.name for m in self.methods]
+
+    def target_layers(self) -> dict[str, list[str]]:
+        """Per result name, the layers whose activations or gradients the method reads."""
+        return {
+            m.name: list(
+                dict.fromkeys(
+                    [
+                        *m.grad_sites(self.model, self.layers),
+                        *m.record_sites(self.model, self.layers),
+                    ]
+                )
+            )
+            for m in self.methods
+        }
+
+    def layer_sizes(self, image_size: tuple[int, int]) -> dict[str, tuple[int, int]]:
+        """Spatial size ``(h, w)`` of every layer the methods read, for one image of that size."""
+        sites = sorted({s for layers in self.target_layers().values() for s in layers})
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        x = torch.zeros(1, 3, *image_size, device=device)
+        with explaining(self.model), torch.no_grad(), capture(self.model, sites) as acts:
+            self.model(x)
+        return {s: tuple(int(d) for d in acts[s].shape[-2:]) for s in sites}  # type: ignore[misc]
 
     def __call__(
         self, images: torch.Tensor, targets: torch.Tensor | Sequence[int] | int | None = None

@@ -300,10 +300,13 @@ class MetricSuite(nn.Module):
         settings: Per-metric settings, keys in ``SETTING_KEYS``: ``pointing_tolerance`` (px),
             ``iou_threshold``, ``box_threshold``, ``box_iou`` and ``occlusion``
             (``{window, stride}``); an absent key takes the metric class's default.
+        baselines: Names of baseline maps (``metrics.baselines``) scored after the methods with
+            the same metrics, never paired for Win %.
 
     Attributes:
         protocol: The evaluation protocol.
-        names: The method names.
+        names: The method names, then the baselines.
+        baselines: The baseline names.
         enabled: The enabled metric keys.
         pairs: ``(a, b)`` method pairs with a Win % metric.
         method_metrics: ``ModuleDict`` ``slug(method)`` -> ``ModuleDict`` key -> metric.
@@ -326,9 +329,11 @@ class MetricSuite(nn.Module):
         chunk_size: int = 64,
         optimize_model: bool = False,
         settings: Mapping[str, Any] | None = None,
+        baselines: Sequence[str] = (),
     ) -> None:
         super().__init__()
-        self.names = list(names)
+        self.baselines = list(baselines)
+        self.names = [*names, *self.baselines]
         keys = {slug(n) for n in self.names}
         if not self.names or len(keys) != len(self.names):
             raise ValueError(f"need distinct method names with distinct slugs; got {self.names}")
@@ -347,7 +352,8 @@ class MetricSuite(nn.Module):
                 for n in self.names
             }
         )
-        self.pairs = list(itertools.combinations(self.names, 2)) if win else []
+        methods = [n for n in self.names if n not in self.baselines]
+        self.pairs = list(itertools.combinations(methods, 2)) if win else []
         self.win_metrics = nn.ModuleDict(
             {_pair_key(a, b): WinPercentage(**common) for a, b in self.pairs}
         )
@@ -363,7 +369,9 @@ class MetricSuite(nn.Module):
         self.perturber: Perturber | None = None
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], names: Sequence[str]) -> MetricSuite:
+    def from_config(
+        cls, cfg: Mapping[str, Any], names: Sequence[str], baselines: Sequence[str] = ()
+    ) -> MetricSuite:
         """A suite from the ``metrics`` config (``conf/metrics/default.yaml``).
 
         Args:
@@ -371,6 +379,7 @@ class MetricSuite(nn.Module):
                 ``num_resamples``, ``confidence``, ``chunk_size``, ``optimize_model`` and the
                 ``SETTING_KEYS``; other keys (e.g. ``sanity``) are not the suite's.
             names: Result names of the explanation methods.
+            baselines: Names of baseline maps scored beside them.
 
         Raises:
             ValueError: On an unknown metric key, setting or protocol key, naming the valid ones.
@@ -386,6 +395,7 @@ class MetricSuite(nn.Module):
             chunk_size=int(cfg.get("chunk_size", 64)),
             optimize_model=bool(cfg.get("optimize_model", False)),
             settings=settings,
+            baselines=baselines,
         )
 
     # ------------------------------------------------------------------ per batch

@@ -26,10 +26,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from attncam import __version__
 from attncam.data.files import IMAGE_SUFFIXES, ImageFilesDataset
-from attncam.explain import Explainer
+from attncam.explain import Explainer, result_name
 from attncam.io import write_json_atomic, write_text_atomic
 from attncam.metrics.sanity import randomizable_layers, run_sanity_check
 from attncam.runtime import library_versions
+from attncam.stages import design
 from attncam.stages.common import build_loggers, task_wrapper
 from attncam.stages.explain_module import ExplainModule, ImagesPerSecondBar, WithIds
 from attncam.stages.inputs import (
@@ -44,6 +45,7 @@ from attncam.stages.inputs import (
 from attncam.stages.outputs import (
     fmt,
     log_wandb,
+    write_comparison,
     write_figures,
     write_maps,
     write_per_image,
@@ -125,11 +127,8 @@ def _layer(cfg: DictConfig) -> Any:
     return layer
 
 
-def _loader(cfg: DictConfig, data: DataInfo) -> DataLoader:
-    """Batches ``[images, labels, masks, image ids]`` of the first ``limit`` images."""
-    n = len(data.dataset)  # type: ignore[arg-type]
-    limit = cfg.get("limit")
-    ids = range(min(int(limit), n) if limit else n)
+def _loader(cfg: DictConfig, data: DataInfo, ids: list[int]) -> DataLoader:
+    """Batches ``[images, labels, masks, image ids]`` of the explained images."""
     dataset = WithIds(data.dataset, ids)
     return DataLoader(
         dataset,
@@ -180,6 +179,11 @@ def _manifest(
         "seconds": round(seconds, 2),
         "images_per_second": round(n_images / max(seconds, 1e-9), 3),
         "world_size": run["world_size"],
+        "baselines": run["plan"]["baselines"],
+        "controls": [{"key": k, "options": o} for k, o in run["plan"]["controls"]],
+        "layers": run["plan"]["layers"],
+        "image_ids_file": "image_ids.json",
+        "git": design.git_state(),
         "versions": library_versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "files": [str(p.relative_to(run["out"])) for p in run["files"]],
@@ -202,7 +206,10 @@ def _write_outputs(
         "skipped_files": data.skipped,
         "skipped_constant_channels": module.skipped_channels,
     }
+    extra["baselines"] = run["plan"]["baselines"]
+    extra["controls"] = [result_name(k, o) for k, o in run["plan"]["controls"]]
     files = write_tables(out, results, module.protocol.to_dict(), extra)
+    files.append(write_json_atomic(out / "image_ids.json", run["plan"]["ids"]))
     sanity_cfg = metrics_cfg.get("sanity") or {}
     if sanity_cfg.get("enabled"):
         common = {k: metrics_cfg[k] for k in ("num_resamples", "confidence") if k in metrics_cfg}
@@ -219,6 +226,8 @@ def _write_outputs(
     if run.get("per_image") is not None:
         ids = [r["id"] for r in module.records]
         files += write_per_image(out, run["per_image"], ids)
+    if run.get("compare") is not None:
+        files += write_comparison(out, run["per_image"], run["compare"])
     return files
 
 
@@ -241,10 +250,13 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     specs, skipped_methods = applicable_specs(model.net, method_specs(cfg), layer, strict)
     metrics_cfg = OmegaConf.to_container(cfg.metrics, resolve=True)
     assert isinstance(metrics_cfg, dict)
-    loader = _loader(cfg, data)
+    plan = design.plan(cfg, data.dataset, model.net, specs, layer, metrics_cfg)
+    specs = plan["specs"]
+    loader = _loader(cfg, data, plan["ids"])
     module = ExplainModule(
         model.net, specs, layer, metrics_cfg, keep_rows=int(cfg.get("figure_rows", 8)),
-        save_maps=bool(cfg.get("save_maps", False)),
+        save_maps=bool(cfg.get("save_maps", False)), baselines=plan["baselines"],
+        grid=plan["grid"], seed=int(cfg.get("seed", 0)),
     )  # fmt: skip
     loggers = build_loggers(cfg, out)
     trainer = _trainer(cfg, out, loggers)
@@ -252,14 +264,17 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     trainer.test(module, dataloaders=loader, verbose=False)
     seconds = time.perf_counter() - start
     results = module.results()
-    per_image = module.per_image() if cfg.get("save_per_image") else None
+    compare = design.compare_settings(cfg)
+    wants = cfg.get("save_per_image") or compare is not None
+    per_image = module.per_image() if wants else None
     n_images = len(loader.dataset)  # type: ignore[arg-type]
     if not trainer.is_global_zero:
         return {"output_dir": str(out), "results": results}
     state = {
         "out": out, "results": results, "specs": specs, "layer": layer, "n_images": n_images,
         "seconds": seconds, "skipped_methods": skipped_methods, "metrics_cfg": metrics_cfg,
-        "world_size": trainer.world_size, "per_image": per_image,
+        "world_size": trainer.world_size, "per_image": per_image, "plan": plan,
+        "compare": compare,
     }  # fmt: skip
     state["files"] = _write_outputs(cfg, out, model, data, module, state)
     manifest = _manifest(cfg, model, data, module, state)
@@ -274,5 +289,6 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     return {
         "output_dir": str(out), "methods": module.explainer.names, "results": results,
         "n_images": n_images, "skipped_files": data.skipped, "skipped_methods": skipped_methods,
-        "seconds": seconds,
+        "seconds": seconds, "baselines": plan["baselines"],
+        "controls": [result_name(k, o) for k, o in plan["controls"]],
     }  # fmt: skip

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from attncam.explain import Explainer
+from attncam.metrics.baselines import baseline_maps
 from attncam.metrics.suite import MetricSuite
 
 
@@ -136,6 +137,9 @@ class ExplainModule(L.LightningModule):
         metrics_cfg: the ``metrics`` config (protocol, enabled metrics, settings).
         keep_rows: images kept (on rank 0) for the figure grid.
         save_maps: keep every map for ``maps.npz``.
+        baselines: baseline maps scored beside the methods (``attncam.metrics.baselines``).
+        grid: ``(h, w)`` of the CAM layer, the resolution of the random and oracle baselines.
+        seed: seed of the random baseline.
     """
 
     def __init__(
@@ -146,14 +150,18 @@ class ExplainModule(L.LightningModule):
         metrics_cfg: Mapping[str, Any],
         keep_rows: int = 8,
         save_maps: bool = False,
+        baselines: Sequence[str] = (),
+        grid: tuple[int, int] = (7, 7),
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.net = net
         self.explainer = Explainer(net, specs, layer=layer)
-        self.names = self.explainer.names
-        self.suite = MetricSuite.from_config(metrics_cfg, self.names)
+        self.baselines, self.grid, self.seed = list(baselines), grid, seed
+        self.names = [*self.explainer.names, *self.baselines]
+        self.suite = MetricSuite.from_config(metrics_cfg, self.explainer.names, self.baselines)
         self.protocol = self.suite.protocol
-        self.rows = FigureRows(self.names, keep_rows)
+        self.rows = FigureRows(self.explainer.names, keep_rows)
         self.save_maps = save_maps
         self.all_maps: dict[str, list[torch.Tensor]] = {n: [] for n in self.names}
         self.records: list[dict[str, Any]] = []
@@ -179,13 +187,14 @@ class ExplainModule(L.LightningModule):
         base = self.suite.base_scores(images, labels if has_labels else None)
         exp = self.explainer.explain(images, base.targets)
         self._count_skipped_channels(exp.extras)
-        self.suite.update(images, exp.maps, masks, base, ids)
+        maps = {**exp.maps, **baseline_maps(self.baselines, masks, ids, self.grid, self.seed)}
+        self.suite.update(images, maps, masks, base, ids)
         records = _records(labels, ids, base)
         self.records.extend(records)
-        self.rows.add(images, masks, exp.maps, records)
+        self.rows.add(images, masks, maps, records)
         if self.save_maps:
             for n in self.names:
-                self.all_maps[n].append(exp.maps[n].half().cpu())
+                self.all_maps[n].append(maps[n].half().cpu())
 
     def _count_skipped_channels(self, extras: Mapping[str, Any]) -> None:
         for key, val in extras.items():

@@ -104,15 +104,34 @@ def _markdown(
         "| method | " + " | ".join(_label(c) for c in columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
+    roles = {**{b: " *(baseline)*" for b in extra.get("baselines") or []},
+             **{c: " *(control)*" for c in extra.get("controls") or []}}  # fmt: skip
     for method, row in results.items():
-        lines.append(
-            f"| {method} | " + " | ".join(fmt(row.get(c), _digits(c)) for c in columns) + " |"
-        )
+        cells = " | ".join(fmt(row.get(c), _digits(c)) for c in columns)
+        lines.append(f"| {method}{roles.get(method, '')} | {cells} |")
+    lines += _role_notes(extra)
     skipped = extra.get("skipped_methods") or []
     if skipped:
         lines += ["", "Skipped methods (not applicable to this model):", ""]
         lines += [f"- {s['method']}: {s['reason']}" for s in skipped]
     return "\n".join(lines) + "\n"
+
+
+def _role_notes(extra: Mapping[str, Any]) -> list[str]:
+    notes = []
+    if extra.get("baselines"):
+        notes.append(
+            "Baselines know nothing of the model: baseline_centre is a centred Gaussian, "
+            "baseline_random seeded noise on the CAM grid, baseline_oracle the ground-truth mask "
+            "pooled to the CAM grid. A method is only informative where it beats the centre and "
+            "random baselines; the oracle is the best a map on this grid can localise."
+        )
+    if extra.get("controls"):
+        notes.append(
+            "Controls: Grad-CAM on the tensor an attention-guided method explains (not the CAM "
+            "layer gated by attention), so a difference from Grad-CAM is not the choice of tensor."
+        )
+    return [line for note in notes for line in ("", note)]
 
 
 def write_tables(
@@ -240,3 +259,52 @@ def log_wandb(loggers: list[Any], results: Results, files: list[Path]) -> None:
             lg.experiment.summary.update(summary)
         except Exception as err:  # a logging failure must not lose the written results
             log.warning("W&B logging failed: %s", err)
+
+
+def write_comparison(
+    out: Path,
+    per_image: Mapping[str, Mapping[str, Mapping[int, float]]],
+    cfg: Mapping[str, Any],
+) -> list[Path]:
+    """``comparison.json`` and ``comparison.md``: every method and baseline against a reference.
+
+    Args:
+        out: The run folder.
+        per_image: ``{method: {metric: {image id: value}}}`` (``MetricSuite.per_image()``).
+        cfg: ``reference`` (a method name), ``primary`` (metrics with Holm), ``sesoi`` (per
+            metric; the rest from ``attncam.metrics.compare.DEFAULT_SESOI``), ``resamples``,
+            ``alpha``, ``seed``.
+    """
+    from attncam.metrics.compare import (
+        compare_methods,
+        format_comparison_markdown,
+        resolve_sesoi,
+    )
+
+    reference = str(cfg["reference"])
+    if reference not in per_image:
+        raise ValueError(
+            f"compare={reference!r} is not a method of this run; choose one of: "
+            + ", ".join(per_image)
+        )
+    sesoi = dict(cfg.get("sesoi") or {})
+
+    def has_sesoi(metric: str) -> bool:
+        try:
+            resolve_sesoi(metric, sesoi)
+        except ValueError:
+            return False
+        return True
+
+    metrics = [m for m in per_image[reference] if has_sesoi(m)]
+    rows = compare_methods(
+        per_image, reference, metrics=metrics, primary=list(cfg.get("primary") or []),
+        sesoi=sesoi, alpha=float(cfg.get("alpha", 0.05)),
+        resamples=int(cfg.get("resamples", 20_000)), seed=int(cfg.get("seed", 0)),
+    )  # fmt: skip
+    text = format_comparison_markdown(rows)
+    log.info("paired comparison against %s:\n%s", reference, text)
+    return [
+        write_json_atomic(out / "comparison.json", [r.to_dict() for r in rows]),
+        write_text_atomic(out / "comparison.md", text),
+    ]
