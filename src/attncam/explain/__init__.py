@@ -5,6 +5,7 @@ maps in [0, 1]. ``capture()`` (``hooks.py``) is the only place hooks are registe
 a small registered class (``methods/``) whose key is its ``conf/method/<key>.yaml`` file name.
 """
 
+from attncam.explain.equivalence import equivalent_methods, representatives
 from attncam.explain.explainer import (
     Explainer,
     Explanation,
@@ -23,10 +24,12 @@ __all__ = [
     "build_method",
     "capture",
     "count_hooks",
+    "equivalent_methods",
     "explaining",
     "get_method",
     "intervene",
     "methods_from_config",
     "normalize_maps",
     "parse_methods",
+    "representatives",
 ]
