@@ -223,8 +223,10 @@ def forward_backward(
         try:
             logits, store = run(images)
         except LeafInplaceError:
-            # An in-place op after a gradient site: root the graph at the input instead.
-            log.debug("in-place op after a gradient site; retrying with input gradients")
+            # A recorded *input* ("name:input") that its caller later changes in place (recorded
+            # outputs cannot be reached: the network runs on a copy): root the graph at the input
+            # instead; capture() then reports the change if it happens again.
+            log.debug("in-place op on a recorded input; retrying with input gradients")
             logits, store = run(images.detach().clone().requires_grad_())
         t = targets(logits) if callable(targets) else targets
         score = logits.gather(1, t[:, None]).sum()
