@@ -164,7 +164,8 @@ def test_inplace_relu_vgg_and_frozen_model() -> None:
     for p in net.parameters():
         p.requires_grad_(False)
     x = torch.rand(1, 3, 32, 32)
-    # features.18 is a conv followed by an in-place ReLU: the engine falls back to input grads.
+    # features.18 is a conv followed by an in-place ReLU: the capture keeps the conv's output
+    # (the maps equal the out-of-place ground truth: test_explain_inplace.py).
     for layer in ("features.20", "features.18"):
         maps = Explainer(net, ["gradcam", "guided_gradcam"], layer=layer)(x)
         assert all(torch.isfinite(m).all() for m in maps.values())

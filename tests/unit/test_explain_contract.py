@@ -101,7 +101,7 @@ def test_contract_exception_inside_call(net: AttentionNet, monkeypatch: pytest.M
     before = _prepare(net)
     ex = Explainer(net, ["gradcam", "featuremap"])
     # A failure inside the forward pass, with hooks registered ...
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="4 channels"):
         ex(torch.rand(2, 4, 32, 32))
     assert count_hooks(net) == 0 and _state(net) == before
 

@@ -191,6 +191,27 @@ def test_gradcampp_closed_form_against_exp_derivatives() -> None:
     close(out["gradcampp"], normalize_maps(raw))
 
 
+def test_guided_gradcam_paper_factor_is_the_cam_itself() -> None:
+    # Selvaraju et al. sec. 3: guided backprop times ReLU(sum_k w_k A^k), not min-max shifted.
+    # On the GAP net at its 8 x 8 conv output (no upsampling) w_k = W_fc[c, k] / 64.
+    net = gap_net().eval()
+    x = torch.rand(2, 3, 8, 8)
+    methods = ["gradcam", "guided_gradcam", ("guided_gradcam", {"variant": "minmax"})]
+    res = Explainer(net, methods, layer="relu").explain(x)
+    a = net.relu(net.conv(x)).detach()
+    w = net.fc.weight.detach()[res.targets] / 64
+    raw = torch.relu(torch.einsum("bk,bkhw->bhw", w, a))
+    gx = res.extras["guided_backprop.gradient"]
+    close(res.extras["guided_gradcam.gradient"], gx * raw[:, None])
+    close(res.maps["guided_gradcam"], normalize_maps(gx.abs().amax(1) * raw))
+    # The minmax variant multiplies by the normalised map instead (its minimum subtracted).
+    close(res.extras["guided_gradcam[minmax].gradient"], gx * res.maps["gradcam"][:, None])
+    with pytest.raises(ValueError, match="variant=minmax"):
+        Explainer(net, [("guided_gradcam", {"cam": "occlusion"})], layer="relu")
+    two = Explainer(net, [("guided_gradcam", {"cam_options": {"layer": ["conv", "relu"]}})], "relu")
+    assert torch.isfinite(two(x)["guided_gradcam[cam_options={'layer': ['conv', 'relu']}]"]).all()
+
+
 # --------------------------------------------------------------------------- guided backprop
 
 

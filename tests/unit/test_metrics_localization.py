@@ -12,6 +12,7 @@ from attncam.metrics import (
     PointingGame,
     largest_component_boxes,
 )
+from attncam.metrics import functional as MF
 from tests.unit.test_metrics_helpers import BoxModel, random_maps
 
 
@@ -84,3 +85,29 @@ def test_empty_masks_and_nan_maps_are_counted() -> None:
         pg.update(maps, masks[:, :4])
     with pytest.raises(ValueError, match="tolerance"):
         PointingGame(tolerance=-1)
+
+
+def test_all_zero_map_is_skipped_and_counted_by_every_localisation_metric() -> None:
+    # An all-zero map (a vanished CAM) has its arg-max at pixel (0, 0); with the object in the
+    # top-left corner the pointing game used to score it a hit. Every metric skips it alike.
+    maps = torch.zeros(3, 16, 16)
+    maps[1, 12, 12] = 1.0  # points at the object in image 1 ...
+    maps[2, 2, 2] = 1.0  # ... and misses it in image 2
+    masks = torch.zeros(3, 16, 16, dtype=torch.bool)
+    masks[:2, 10:14, 10:14] = True
+    masks[0, :2, :2] = True  # image 0: (0, 0) is inside the mask
+    masks[2, 10:14, 10:14] = True
+    assert MF.pointing_game_hits(maps[:1], masks[:1], 0).item() == 100.0  # the (0, 0) artefact
+    metrics = {
+        "pointing_game": (PointingGame(tolerance=0), 50.0),
+        "energy_pointing_game": (EnergyPointingGame(), 50.0),
+        "mask_iou": (MaskIoU(threshold=0.5), (1 / 16 + 0) / 2),
+        "box_accuracy": (BoxAccuracy(threshold=0.5, iou_threshold=0.05), 50.0),
+    }
+    for name, (metric, expected) in metrics.items():
+        metric.update(maps, masks)
+        r = metric.compute()
+        assert r.n == 2, name
+        assert r.skipped == {"zero_map": 1}, name
+        assert r.value == pytest.approx(expected), name
+        assert metric.skipped_counts()["zero_map"] == 1, name

@@ -232,3 +232,15 @@ def test_efficientnet_lite0_bundled_weights_classify_coffee_as_espresso() -> Non
     with torch.no_grad():
         top = net(x).softmax(-1)[0].argmax().item()
     assert net.class_names is not None and net.class_names[top] == "espresso"
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_wrong_number_of_channels_is_one_clear_error(channels: int) -> None:
+    net = AttentionNet("tiny", 3, attention="cbam").eval()
+    x = torch.rand(2, channels, 32, 32)
+    with pytest.raises(ValueError, match=rf"expects images \(B, 3, H, W\).*{channels} channels"):
+        net(x)
+    with pytest.raises(ValueError, match="3 dimensions"):
+        net(torch.rand(3, 32, 32))
+    fixed = x.expand(-1, 3, -1, -1) if channels == 1 else x[:, :3]  # the conversions it names
+    assert net(fixed).shape == (2, 3)

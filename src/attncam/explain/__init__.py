@@ -7,6 +7,7 @@ What the engine may read from a model is the ``ExplainableModel`` protocol (``mo
 result names and their ``maps.npz`` slugs are ``result_name`` and ``slug`` (``naming.py``).
 """
 
+from attncam.explain.equivalence import equivalent_methods, representatives
 from attncam.explain.explainer import (
     Explainer,
     Explanation,
@@ -29,6 +30,7 @@ __all__ = [
     "build_method",
     "capture",
     "count_hooks",
+    "equivalent_methods",
     "explaining",
     "find_result",
     "get_method",
@@ -39,4 +41,5 @@ __all__ = [
     "result_name",
     "slug",
     "unknown_layer_error",
+    "representatives",
 ]

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attncam.explain.equivalence import equivalent_methods, log_groups, representatives
 from attncam.explain.hooks import capture, resolve_module
 from attncam.explain.methods.base import (
     Method,
@@ -223,6 +224,12 @@ class Explainer:
             output is a ``TypeError`` naming what came back.
         **options: options given to every method that has them, e.g. ``counterfactual=True``.
 
+    Attributes:
+        equivalent_groups: groups of result names identical by construction at their layer (a
+            layer feeding global average pooling and one linear layer, see
+            :func:`~attncam.explain.equivalence.equivalent_methods`), logged once at INFO when the
+            Explainer is built; ``[]`` when none.
+
     Raises:
         ValueError: an unknown method, option or layer (listing the valid choices).
     """
@@ -251,6 +258,10 @@ class Explainer:
         self.channels_last = channels_last
         for m in self.methods:
             m.check(model, self.layers)
+        self.equivalent_groups: list[list[str]] = equivalent_methods(
+            model, self.methods, self.layers
+        )
+        log_groups(self.equivalent_groups, model)
         self.grad_sites = list(
             dict.fromkeys(s for m in self.methods for s in m.grad_sites(model, self.layers))
         )
@@ -289,6 +300,14 @@ class Explainer:
         with explaining(self.model), torch.no_grad(), capture(self.model, sites) as acts:
             self.model(x)
         return {s: tuple(int(d) for d in acts[s].shape[-2:]) for s in sites}  # type: ignore[misc]
+
+    @property
+    def duplicate_of(self) -> dict[str, str]:
+        """``{name: the first name of its group}`` for the methods whose maps repeat another's.
+
+        See :attr:`equivalent_groups`; a report can score each group once and copy the result.
+        """
+        return representatives(self.equivalent_groups)
 
     def __call__(
         self, images: torch.Tensor, targets: torch.Tensor | Sequence[int] | int | None = None

@@ -328,6 +328,15 @@ def gaussian_blur(images: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> 
 # --------------------------------------------------------------------------- localisation
 
 
+def nonzero_maps(maps: Tensor) -> Tensor:
+    """Which maps are not all zero (NaN counted as zero): ``(B, H, W)`` in [0, 1] -> ``(B,)`` bool.
+
+    An all-zero map is what the Explainer returns when a CAM vanishes; the localisation metrics
+    skip it and count it (reason ``zero_map``).
+    """
+    return torch.nan_to_num(maps, nan=0.0).flatten(1).sum(1) > 0
+
+
 def pointing_game_hits(maps: Tensor, masks: Tensor, tolerance: float = 15.0) -> Tensor:
     """Pointing game (Zhang et al. 2016): is the map's maximum within ``tolerance`` px of the mask?
 
@@ -335,7 +344,8 @@ def pointing_game_hits(maps: Tensor, masks: Tensor, tolerance: float = 15.0) -> 
     nearest mask pixel (an exact distance transform evaluated at one point).
 
     Args:
-        maps: ``(B, H, W)``.
+        maps: ``(B, H, W)``, not all zero (an all-zero map's arg-max is pixel (0, 0): callers skip
+            those, see :func:`nonzero_maps`).
         masks: ``(B, H, W)`` bool, each with at least one pixel.
         tolerance: Tolerance in pixels.
 

@@ -1,7 +1,11 @@
 """Localisation metrics: pointing game, energy-based pointing game, mask IoU, box accuracy.
 
 Fed with maps and ground-truth masks only. Images whose mask is all False (no annotation) are
-skipped and counted (``empty_mask``); non-finite maps are skipped and counted (``non_finite``).
+skipped and counted (``empty_mask``); non-finite maps are skipped and counted (``non_finite``);
+all-zero maps (what the Explainer returns when a CAM vanishes) are skipped and counted
+(``zero_map``) by every metric here alike (SPEC.md): such a map points nowhere, has no energy and
+no thresholded region, so scoring it would score an arbitrary pixel (the pointing game's arg-max of
+a constant map is pixel (0, 0)).
 Connected components for box accuracy are labelled with ``scipy.ndimage.label`` on CPU: the one
 place the metrics leave the device (the binary maps go to NumPy and one box per image comes back).
 """
@@ -62,9 +66,6 @@ class _MaskMetric(PerImageMetric):
     def _per_image(self, maps: Tensor, masks: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _extra_checks(self, maps: Tensor) -> list[tuple[str, Tensor]]:
-        return []
-
     def update(
         self, maps: Tensor, masks: Tensor, keep: Tensor | None = None, *, ids: Tensor | None = None
     ) -> None:
@@ -75,6 +76,9 @@ class _MaskMetric(PerImageMetric):
             masks: ``(B, H, W)`` bool ground truth (all False = no annotation, skipped).
             keep: ``(B,)`` bool, False for excluded images.
             ids: ``(B,)`` image ids; default the metric's running image counter.
+
+        Skipped and counted, each image under its first reason: ``excluded``, ``non_finite``,
+        ``empty_mask``, ``zero_map`` (an all-zero map).
         """
         finite = MF.check_maps(maps)
         annotated = MF.check_masks(masks, maps)
@@ -82,7 +86,7 @@ class _MaskMetric(PerImageMetric):
             ("excluded", keep_mask(keep, maps)),
             ("non_finite", finite),
             ("empty_mask", annotated),
-            *self._extra_checks(maps),
+            ("zero_map", MF.nonzero_maps(maps)),
         ]
         valid = self._filter(torch.ones_like(finite), checks)
         per_image = self._per_image(maps[valid].float(), masks[valid]).float()
@@ -100,7 +104,8 @@ class PointingGame(_MaskMetric):
     """Pointing game (Zhang et al. 2016): hit rate (%) of the map maximum within the mask.
 
     A hit is the first arg-max within ``tolerance`` pixels (Euclidean) of a mask pixel; 15 px as
-    in Zhang et al. Higher is better.
+    in Zhang et al. An all-zero map has no maximum to point with: it is skipped and counted
+    (``zero_map``), as in the energy pointing game. Higher is better.
 
     Args:
         tolerance: Tolerance in pixels.
@@ -123,7 +128,8 @@ class PointingGame(_MaskMetric):
 class EnergyPointingGame(_MaskMetric):
     """Energy-based pointing game (Wang et al. 2020, Score-CAM sec. 4.3): ``100 sum(L m) / sum(L)``.
 
-    Maps that sum to zero (no energy) are skipped and counted (``zero_map``). Higher is better.
+    All-zero maps (no energy) are skipped and counted (``zero_map``), as in every localisation
+    metric. Higher is better.
 
     Args:
         **kwargs: ``num_resamples``, ``confidence``, ``seed`` and ``torchmetrics.Metric`` options.
@@ -132,9 +138,6 @@ class EnergyPointingGame(_MaskMetric):
     higher_is_better = True
     _name = "energy_pointing_game"
 
-    def _extra_checks(self, maps: Tensor) -> list[tuple[str, Tensor]]:
-        return [("zero_map", torch.nan_to_num(maps).flatten(1).sum(1) > 0)]
-
     def _per_image(self, maps: Tensor, masks: Tensor) -> Tensor:
         return MF.energy_in_mask(maps, masks)
 
@@ -142,7 +145,7 @@ class EnergyPointingGame(_MaskMetric):
 class MaskIoU(_MaskMetric):
     """IoU between the thresholded map ``L >= threshold`` and the ground-truth mask, in [0, 1].
 
-    Higher is better.
+    All-zero maps are skipped and counted (``zero_map``). Higher is better.
 
     Args:
         threshold: Map threshold in [0, 1].
@@ -168,7 +171,8 @@ class BoxAccuracy(PerImageMetric):
 
     Ground truth is either masks (their bounding box) or boxes ``(x0, y0, x1, y1)`` with
     exclusive ``x1, y1``: a ``(B, 4)`` tensor or a list of ``(K_i, 4)`` tensors (a hit on any box
-    counts, as on ImageNet). Empty masks / no boxes are skipped and counted (``empty_mask``).
+    counts, as on ImageNet). Empty masks / no boxes are skipped and counted (``empty_mask``), and
+    so are all-zero maps (``zero_map``).
     Connected components use scipy on CPU. Higher is better.
 
     Args:
@@ -224,6 +228,7 @@ class BoxAccuracy(PerImageMetric):
             ("excluded", keep_mask(keep, maps)),
             ("non_finite", finite),
             ("empty_mask", annotated),
+            ("zero_map", MF.nonzero_maps(maps)),
         ]
         valid = self._filter(torch.ones_like(finite), checks)
         idx = valid.nonzero().flatten()

@@ -34,7 +34,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "non_finite",  # NaN/inf map or score
     "empty_mask",  # all-False ground-truth mask: no annotation
     "excluded",  # left out by the protocol, e.g. only_correct and the image is misclassified
-    "zero_map",  # map sums to zero where the metric divides by its sum (energy pointing game)
+    "zero_map",  # all-zero map (a vanished CAM): skipped by every localisation metric alike
     "non_positive_base",  # base score Y <= 0 where the metric divides by Y (Average Drop)
 )
 

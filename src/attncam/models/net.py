@@ -235,7 +235,23 @@ class AttentionNet(nn.Module):
     # ------------------------------------------------------------------ use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` of pixel images ``x`` ``(B, 3, H, W)`` in [0, 1]."""
+        """Logits ``(B, num_classes)`` of pixel images ``x`` ``(B, 3, H, W)`` in [0, 1].
+
+        Raises:
+            ValueError: ``x`` is not ``(B, 3, H, W)``. A grayscale batch ``(B, 1, H, W)`` is not
+                converted silently (the normalisation would broadcast it to 3 channels, each
+                normalised with another channel's mean and std); convert it explicitly with
+                ``x.expand(-1, 3, -1, -1)``, and drop an alpha channel with ``x[:, :3]``.
+        """
+        expected = self.normalize.mean.shape[1]
+        if x.ndim != 4 or x.shape[1] != expected:
+            got = f"{x.shape[1]} channels" if x.ndim == 4 else f"{x.ndim} dimensions"
+            raise ValueError(
+                f"{self.backbone_name!r} expects images (B, {expected}, H, W) with {expected} "
+                f"(RGB) channels; got shape {tuple(x.shape)} ({got}). Grayscale (B, 1, H, W): "
+                "x.expand(-1, 3, -1, -1); RGBA (B, 4, H, W): x[:, :3]; one image (3, H, W): "
+                "x[None]"
+            )
         return self.head(self.features(self.normalize(x)))
 
     @property

@@ -209,8 +209,10 @@ def forward_backward(
         try:
             logits, store = run(images)
         except LeafInplaceError:
-            # An in-place op after a gradient site: root the graph at the input instead.
-            log.debug("in-place op after a gradient site; retrying with input gradients")
+            # A recorded *input* ("name:input") that its caller later changes in place (recorded
+            # outputs cannot be reached: the network runs on a copy): root the graph at the input
+            # instead; capture() then reports the change if it happens again.
+            log.debug("in-place op on a recorded input; retrying with input gradients")
             logits, store = run(images.detach().clone().requires_grad_())
         t = targets(logits) if callable(targets) else targets
         score = logits.gather(1, t[:, None]).sum()
@@ -338,10 +340,17 @@ class CAMMethod(Method):
             return torch.einsum("bk,bkhw->bhw", w.to(a.dtype), a)
         return (w * a).sum(1)
 
+    def positive_maps(self, p: Pass, size: tuple[int, int] | None) -> list[torch.Tensor]:
+        """Per layer ``Up(ReLU(sum_k w_k A^k))`` ``(B, H, W)``, not normalised.
+
+        The factor Guided Grad-CAM multiplies by (Selvaraju et al., sec. 3). ``size`` None keeps
+        each layer's own size.
+        """
+        maps = [torch.relu(self.raw_map(p, layer)) for layer in self.layers(p.layers, p.model)]
+        return [upsample(m, size) for m in maps] if size is not None else maps
+
     def compute(self, p: Pass) -> torch.Tensor:
-        return fuse(
-            [finish(self.raw_map(p, layer), p.size) for layer in self.layers(p.layers, p.model)]
-        )
+        return fuse([normalize_maps(m) for m in self.positive_maps(p, p.size)])
 
 
 __all__ = [

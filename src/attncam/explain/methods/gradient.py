@@ -19,9 +19,8 @@ from attncam.explain.methods.base import (
     Pass,
     as_bhw,
     classifier_weight,
-    finish,
     forward_backward,
-    fuse,
+    upsample,
 )
 from attncam.explain.methods.registry import register_method
 
@@ -146,7 +145,7 @@ class SmoothGradCAMPP(CAMMethod):
             raise ValueError(f"smoothgradcampp needs n >= 1 and sigma >= 0, got n={n}, sigma={s}")
         return int(n), float(s)
 
-    def compute(self, p: Pass) -> torch.Tensor:
+    def positive_maps(self, p: Pass, size: tuple[int, int] | None) -> list[torch.Tensor]:
         n, sigma = self._n_sigma()
         layers = self.layers(p.layers, p.model)
         torchcam = self.options["variant"] == "torchcam020"
@@ -199,8 +198,9 @@ class SmoothGradCAMPP(CAMMethod):
                 a = last_act[layer]
             else:
                 w = gradcampp_weights(a, m1, m2, m3)
-            maps.append(finish(torch.einsum("bk,bkhw->bhw", w, a), p.size))
-        return fuse(maps)
+            m = torch.relu(torch.einsum("bk,bkhw->bhw", w, a))
+            maps.append(upsample(m, size) if size is not None else m)
+        return maps
 
 
 @register_method("xgradcam")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from attncam.explain.methods.base import Method, Pass, normalize_maps
+from attncam.explain.methods.base import CAMMethod, Method, Pass, normalize_maps
 from attncam.explain.methods.registry import build_method, register_method
 
 
@@ -104,14 +104,24 @@ class GuidedBackprop(Method):
 
 @register_method("guided_gradcam")
 class GuidedGradCAM(Method):
-    """Guided Grad-CAM: ``guided_backprop * Up(gradcam)`` (Selvaraju et al., ICCV 2017, sec. 3).
+    """Guided Grad-CAM (Selvaraju et al., ICCV 2017, sec. 3, "Guided Grad-CAM").
 
-    Option ``cam`` names the method giving the second factor (default ``gradcam``; any method
-    returning a map, with ``cam_options``). The ``(B, 3, H, W)`` product is kept in the extras as
-    ``"<name>.gradient"``.
+    ``variant=paper`` (default): the guided-backprop input gradient times the class activation
+    map itself, ``Up(ReLU(sum_k w_k A^k))`` upsampled bilinearly to the input size, as in the paper
+    and captum's ``GuidedGradCam`` (there with ``interpolate_mode="bilinear"``). With several CAM
+    layers each layer's map is divided by its maximum (a scale, no shift) and the results averaged.
+    ``variant=minmax``: attncam's earlier behaviour, the min-max normalised map (each image's
+    minimum subtracted) as the second factor, kept for comparison with earlier results.
+
+    Option ``cam`` names the method giving the second factor (default ``gradcam``, with
+    ``cam_options``); ``variant=paper`` needs a class activation method (one with a raw map:
+    ``gradcam``, ``gradcampp``, ``layercam``, ...), ``variant=minmax`` takes any method returning a
+    map. The ``(B, 3, H, W)`` product is kept in the extras as ``"<name>.gradient"``; the map is
+    ``max_c |product|`` normalised.
     """
 
-    defaults = {"cam": "gradcam", "cam_options": None}
+    defaults = {"cam": "gradcam", "cam_options": None, "variant": "paper"}
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {"variant": ("paper", "minmax")}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -120,6 +130,12 @@ class GuidedGradCAM(Method):
                 f"guided_gradcam cam={self.options['cam']!r}: choose a class activation method"
             )
         self.inner = build_method(self.options["cam"], self.options["cam_options"] or {})
+        if self.options["variant"] == "paper" and not isinstance(self.inner, CAMMethod):
+            raise ValueError(
+                f"guided_gradcam variant=paper multiplies by the raw class activation map, and "
+                f"cam={self.options['cam']!r} has none; choose a class activation method (e.g. "
+                "gradcam, gradcampp, layercam) or variant=minmax"
+            )
         self.uses_gradients = True
 
     def check(self, model: nn.Module, layers: list[str]) -> None:
@@ -131,7 +147,21 @@ class GuidedGradCAM(Method):
     def record_sites(self, model: nn.Module, layers: list[str]) -> list[str]:
         return self.inner.record_sites(model, layers)
 
-    def compute(self, p: Pass) -> torch.Tensor:
+    def _paper_factor(self, p: Pass) -> torch.Tensor:
+        """``Up(ReLU(raw map))`` ``(B, H, W)`` at the input size, not normalised."""
+        assert isinstance(self.inner, CAMMethod)
+        maps = self.inner.positive_maps(p, tuple(p.images.shape[-2:]))
+        if len(maps) == 1:
+            return maps[0]
+        scaled = []
+        for m in maps:
+            top = m.amax((1, 2), keepdim=True)
+            # Guard: an all-zero layer map stays zero rather than 0/0.
+            scaled.append(torch.where(top > 0, m / torch.where(top > 0, top, 1.0), 0.0))
+        return torch.stack(scaled).mean(0)
+
+    def _minmax_factor(self, p: Pass) -> torch.Tensor:
+        """The inner method's normalised map ``(B, H, W)`` at the input size."""
         cam = p.cache.get(self.inner.name)
         if cam is None or cam.shape[-2:] != p.images.shape[-2:]:
             size = p.size
@@ -140,6 +170,11 @@ class GuidedGradCAM(Method):
                 cam = self.inner.compute(p)
             finally:
                 p.size = size
+        return cam
+
+    def compute(self, p: Pass) -> torch.Tensor:
+        paper = self.options["variant"] == "paper"
+        cam = self._paper_factor(p) if paper else self._minmax_factor(p)
         gx = guided_gradient(p)
         p.extras[f"{self.name}.gradient"] = gx * cam[:, None]
         return normalize_maps(gx.abs().amax(1) * cam)
