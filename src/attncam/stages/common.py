@@ -122,7 +122,8 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list[Logger]:
             wandb_offline_by_default()
             extra["offline"] = os.environ.get("WANDB_MODE") == "offline"
             extra["config"] = OmegaConf.to_container(cfg, resolve=True)
-        loggers.append(instantiate(conf, **extra))
+        # As a partial: WandbLogger's own `config` argument would clash with instantiate's.
+        loggers.append(instantiate(conf, _partial_=True)(**extra))
     return loggers
 
 
