@@ -235,3 +235,57 @@ def test_unlabelled_images_use_the_predicted_class() -> None:
     strict.bind(model)
     with pytest.raises(ValueError, match="need labels"):
         strict.base_scores(images, torch.full((3,), -1))
+
+
+class _Counting(torch.nn.Module):
+    """Counts the images the perturbation engine pushes through the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)  # the same weights in every run compared
+        self.net = TinyNet()
+        self.images = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.images += x.shape[0]
+        return self.net(x)
+
+
+def _run_with_duplicates(
+    duplicates: Mapping[str, str] | None,
+    names: tuple[str, ...] = ("gradcam", "xgradcam", "layercam"),
+) -> tuple[dict[str, Any], dict[str, Any], int]:
+    model = _Counting()
+    enabled = ["average_drop", "increase_in_confidence", "deletion_insertion", "pointing_game"]
+    suite = MetricSuite.from_config(
+        _cfg(enabled=enabled, win=True), list(names), duplicates=duplicates
+    )
+    suite.bind(model)
+    images, labels, maps, masks = _batches()[0]
+    maps = {
+        "gradcam": maps[NAMES[0]],
+        "xgradcam": maps[NAMES[0]] + 1e-7,
+        "layercam": maps[NAMES[2]],
+    }
+    base = suite.base_scores(images, labels)
+    model.images = 0
+    suite.update(images, maps, masks, base, torch.arange(images.shape[0]))
+    return suite.results(), suite.per_image(), model.images
+
+
+def test_duplicate_methods_share_their_perturbation_forwards() -> None:
+    res, per_image, forwards = _run_with_duplicates({"xgradcam": "gradcam"})
+    res_all, _, forwards_all = _run_with_duplicates(None)
+    _, _, forwards_two = _run_with_duplicates(None, ("gradcam", "layercam"))
+    assert forwards == forwards_two < forwards_all  # the duplicate costs no perturbation forward
+    for key in ("average_drop", "increase_in_confidence", "deletion", "insertion"):
+        assert res["xgradcam"][key] == {**res["gradcam"][key], "name": res["xgradcam"][key]["name"]}
+        assert per_image["xgradcam"][key] == per_image["gradcam"][key]
+    assert res["layercam"] == res_all["layercam"]  # the other method is untouched
+    assert "win_vs_xgradcam" not in res["gradcam"]  # no Win % between identical maps
+    assert "win_vs_layercam" in res["gradcam"]
+
+
+def test_duplicates_must_name_methods_of_the_suite() -> None:
+    with pytest.raises(ValueError, match="duplicates name unknown methods"):
+        MetricSuite.from_config(_cfg(), ["gradcam"], duplicates={"cam": "gradcam"})

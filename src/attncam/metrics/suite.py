@@ -108,6 +108,23 @@ def _occlusion(engine: Perturber, b: _Batch) -> Any:
     return engine.occlusion_sensitivity(b.images, base=b.base, window=window, stride=stride)
 
 
+def _alias(scored: Any, duplicates: Mapping[str, str]) -> Any:
+    """Give each duplicate method the representative's perturbation results (no recomputation).
+
+    ``scored`` is a ``{method: ...}`` dict or a dataclass whose dict fields are keyed by method.
+    """
+    if not duplicates:
+        return scored
+    tables = [scored] if isinstance(scored, dict) else [
+        v for v in vars(scored).values() if isinstance(v, dict)
+    ]  # fmt: skip
+    for table in tables:
+        for dup, rep in duplicates.items():
+            if rep in table:
+                table[dup] = table[rep]
+    return scored
+
+
 #: The model calls a metric may need, in the order they run: name -> ``f(engine, batch)``.
 PERTURBATIONS: dict[str, Callable[[Perturber, _Batch], Any]] = {
     "confidence": _confidence_table,  # O and Percentage-in: ConfidenceTable
@@ -302,6 +319,9 @@ class MetricSuite(nn.Module):
             (``{window, stride}``); an absent key takes the metric class's default.
         baselines: Names of baseline maps (``metrics.baselines``) scored after the methods with
             the same metrics, never paired for Win %.
+        duplicates: ``{method: representative}`` for methods whose maps equal another's by
+            construction (``Explainer.duplicate_of``): their perturbation forwards are not run
+            again, the representative's scores are copied; no Win % between them.
 
     Attributes:
         protocol: The evaluation protocol.
@@ -330,10 +350,15 @@ class MetricSuite(nn.Module):
         optimize_model: bool = False,
         settings: Mapping[str, Any] | None = None,
         baselines: Sequence[str] = (),
+        duplicates: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.baselines = list(baselines)
         self.names = [*names, *self.baselines]
+        self.duplicates = dict(duplicates or {})
+        stray = [n for pair in self.duplicates.items() for n in pair if n not in self.names]
+        if stray:
+            raise ValueError(f"duplicates name unknown methods {stray}; methods: {self.names}")
         keys = {slug(n) for n in self.names}
         if not self.names or len(keys) != len(self.names):
             raise ValueError(f"need distinct method names with distinct slugs; got {self.names}")
@@ -353,7 +378,9 @@ class MetricSuite(nn.Module):
             }
         )
         methods = [n for n in self.names if n not in self.baselines]
-        self.pairs = list(itertools.combinations(methods, 2)) if win else []
+        group = {n: self.duplicates.get(n, n) for n in methods}  # same map: Win % is meaningless
+        pairs = [(a, b) for a, b in itertools.combinations(methods, 2) if group[a] != group[b]]
+        self.pairs = pairs if win else []
         self.win_metrics = nn.ModuleDict(
             {_pair_key(a, b): WinPercentage(**common) for a, b in self.pairs}
         )
@@ -370,7 +397,11 @@ class MetricSuite(nn.Module):
 
     @classmethod
     def from_config(
-        cls, cfg: Mapping[str, Any], names: Sequence[str], baselines: Sequence[str] = ()
+        cls,
+        cfg: Mapping[str, Any],
+        names: Sequence[str],
+        baselines: Sequence[str] = (),
+        duplicates: Mapping[str, str] | None = None,
     ) -> MetricSuite:
         """A suite from the ``metrics`` config (``conf/metrics/default.yaml``).
 
@@ -380,6 +411,7 @@ class MetricSuite(nn.Module):
                 ``SETTING_KEYS``; other keys (e.g. ``sanity``) are not the suite's.
             names: Result names of the explanation methods.
             baselines: Names of baseline maps scored beside them.
+            duplicates: ``{method: representative}`` of methods with identical maps.
 
         Raises:
             ValueError: On an unknown metric key, setting or protocol key, naming the valid ones.
@@ -396,6 +428,7 @@ class MetricSuite(nn.Module):
             optimize_model=bool(cfg.get("optimize_model", False)),
             settings=settings,
             baselines=baselines,
+            duplicates=duplicates,
         )
 
     # ------------------------------------------------------------------ per batch
@@ -452,11 +485,14 @@ class MetricSuite(nn.Module):
         if not isinstance(ids, Tensor) or ids.shape != (n_img,):
             got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
             raise ValueError(f"ids must be a ({n_img},) integer tensor; got {got}")
-        batch = _Batch(images, maps, masks, base, ids, self.names, self.occlusion_grid)
+        unique = [n for n in self.names if n not in self.duplicates]
+        distinct = {n: maps[n] for n in unique}
+        batch = _Batch(images, distinct, masks, base, ids, unique, self.occlusion_grid)
         engine = self._engine()
         for name, compute in PERTURBATIONS.items():
             if name in self.needs:
-                batch.scored[name] = compute(engine, batch)
+                batch.scored[name] = _alias(compute(engine, batch), self.duplicates)
+        batch.maps = maps
         for n in self.names:
             for key, metric in self.method_metrics[slug(n)].items():
                 METRIC_KINDS[key].feed(metric, batch, n)

@@ -180,6 +180,7 @@ def _manifest(
         "images_per_second": round(n_images / max(seconds, 1e-9), 3),
         "world_size": run["world_size"],
         "baselines": run["plan"]["baselines"],
+        "identical_by_construction": module.explainer.equivalent_groups,
         "controls": [{"key": k, "options": o} for k, o in run["plan"]["controls"]],
         "layers": run["plan"]["layers"],
         "image_ids_file": "image_ids.json",
@@ -207,6 +208,7 @@ def _write_outputs(
         "skipped_constant_channels": module.skipped_channels,
     }
     extra["baselines"] = run["plan"]["baselines"]
+    extra["identical_by_construction"] = module.explainer.equivalent_groups
     extra["controls"] = [result_name(k, o) for k, o in run["plan"]["controls"]]
     files = write_tables(out, results, module.protocol.to_dict(), extra)
     files.append(write_json_atomic(out / "image_ids.json", run["plan"]["ids"]))

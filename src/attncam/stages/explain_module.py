@@ -159,7 +159,9 @@ class ExplainModule(L.LightningModule):
         self.explainer = Explainer(net, specs, layer=layer)
         self.baselines, self.grid, self.seed = list(baselines), grid, seed
         self.names = [*self.explainer.names, *self.baselines]
-        self.suite = MetricSuite.from_config(metrics_cfg, self.explainer.names, self.baselines)
+        self.suite = MetricSuite.from_config(
+            metrics_cfg, self.explainer.names, self.baselines, self.explainer.duplicate_of
+        )
         self.protocol = self.suite.protocol
         self.rows = FigureRows(self.explainer.names, keep_rows)
         self.save_maps = save_maps

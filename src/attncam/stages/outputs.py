@@ -131,6 +131,13 @@ def _role_notes(extra: Mapping[str, Any]) -> list[str]:
             "Controls: Grad-CAM on the tensor an attention-guided method explains (not the CAM "
             "layer gated by attention), so a difference from Grad-CAM is not the choice of tensor."
         )
+    groups = extra.get("identical_by_construction") or []
+    if groups:
+        same = "; ".join(" = ".join(g) for g in groups)
+        notes.append(
+            f"Identical by construction at this layer (not independent evidence; scored once, "
+            f"the values copied): {same}."
+        )
     return [line for note in notes for line in ("", note)]
 
 
