@@ -154,7 +154,7 @@ def bench_curves(
 
     normalized = (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     softmax = partial(torch.softmax, dim=-1)
-    # SPEC protocol: insertion into a blurred copy (kernel 11, sigma 5); torchcam: zero baseline.
+    # attncam's protocol (docs/METHODS.md, "Metrics"): insertion into a blurred copy (kernel 11, sigma 5); torchcam: zero baseline.
     eng = Perturber(
         pixel, Protocol(mask_space="normalized", steps=steps), chunk_size=chunk, optimize=True
     )
@@ -262,7 +262,7 @@ def main() -> None:
         "libraries do about the same number of forward passes; the remaining gain is the "
         "optimised inference copy (conv+BN folding, channels-last).",
         "",
-        "attncam's insertion starts from a Gaussian-blurred copy (SPEC protocol, kernel 11, "
+        "attncam's insertion starts from a Gaussian-blurred copy (docs/METHODS.md, kernel 11, "
         "sigma 5), torchcam's from its zero baseline; the blur costs one extra forward per image. "
         "With `blur_kernel=0` attncam reproduces torchcam's AUCs (tested in "
         "`tests/unit/test_metrics_confidence.py`).",

@@ -123,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resamples < MIN_RESAMPLES:
-        parser.error(f"--resamples {args.resamples}: at least {MIN_RESAMPLES} (SPEC.md)")
+        parser.error(
+            f"--resamples {args.resamples}: at least {MIN_RESAMPLES} (docs/METHODS.md, Comparisons)"
+        )
     source = args.run_dir / PER_IMAGE_FILE if args.run_dir.is_dir() else args.run_dir
     try:
         md_path, json_path = output_paths(source.parent, args.out)

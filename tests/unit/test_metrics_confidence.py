@@ -247,7 +247,7 @@ def test_matches_torchcam_classification_metric_normalized_softmax() -> None:
     ad, ic = AverageDrop(), IncreaseInConfidence()
     ad.update(base.scores, o)
     ic.update(base.scores, o)
-    # torchcam reports fractions and divides by (Y + 1e-7); SPEC divides by Y (rel. diff <= 1e-4)
+    # torchcam reports fractions and divides by (Y + 1e-7); attncam divides by Y (rel. diff <= 1e-4)
     assert ad.compute().value == pytest.approx(100 * want["avg_drop"], rel=1e-3)
     assert ic.compute().value == pytest.approx(100 * want["conf_increase"], abs=1e-9)
     assert ic.compute().n == ref.total == 16

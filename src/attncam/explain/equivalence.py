@@ -3,7 +3,7 @@
 At a layer whose output ``A`` feeds global average pooling and then one linear classifier, with
 nothing spatial in between (``y^c = (1/Z) sum_k W[c, k] sum_ij A^k_ij + b_c``), the gradient is the
 same at every position, ``g^k_ij = W[c, k] / Z``, whatever the input. Then (SCA-CAM paper eq. 6;
-SPEC.md):
+docs/METHODS.md):
 
 * Grad-CAM (``w_k = mean g = W[c, k] / Z``), HiResCAM (pixel weights ``g^k_ij = W[c, k] / Z``),
   XGrad-CAM (``sum_ij A^k_ij / sum_ab A^k_ab`` sums to 1, so ``w_k = W[c, k] / Z``; a channel whose

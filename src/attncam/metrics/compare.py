@@ -1,4 +1,4 @@
-"""Paired comparison of explanation methods on per-image metric values (SPEC.md, "Comparisons").
+"""Paired comparison of explanation methods on per-image metric values (docs/METHODS.md, "Comparisons").
 
 The explain stage, run with ``save_per_image=true``, writes ``per_image.json`` into its run
 folder: for every method and metric, the value of each image the metric kept, keyed by image id.
@@ -47,6 +47,8 @@ from typing import Any, Literal
 import numpy as np
 from scipy import special, stats
 
+from attncam.metrics.stats import holm
+
 log = logging.getLogger(__name__)
 
 PerImage = dict[str, dict[str, dict[int, float]]]
@@ -54,7 +56,7 @@ Direction = Literal["lower", "higher"]
 
 #: File the explain stage writes into its run folder with ``save_per_image=true``.
 PER_IMAGE_FILE = "per_image.json"
-#: SPEC.md: the sign-flip p uses at least this many resamples; fewer is allowed (tests), with a
+#: docs/METHODS.md: the sign-flip p uses at least this many resamples; fewer is allowed (tests), with a
 #: warning.
 MIN_RESAMPLES = 20_000
 VERDICTS: tuple[str, ...] = ("better", "worse", "equivalent", "inconclusive")
@@ -348,7 +350,7 @@ def sign_flip_test(d: np.ndarray, resamples: int = MIN_RESAMPLES, seed: int = 0)
 
     Args:
         d: Paired differences, shape ``(N,)``.
-        resamples: ``R``, the number of random sign vectors (SPEC: >= 20,000).
+        resamples: ``R``, the number of random sign vectors (docs/METHODS.md: >= 20,000).
         seed: Seed of the sign generator.
     """
     x = np.asarray(d, dtype=np.float64)
@@ -438,20 +440,6 @@ def tost_p(d: np.ndarray, sesoi: float) -> float:
     p_low = float(stats.t.sf((mean + sesoi) / se, df))
     p_high = float(stats.t.cdf((mean - sesoi) / se, df))
     return max(p_low, p_high)
-
-
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (Holm 1979), in the input order.
-
-    The i-th smallest p becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``.
-    """
-    p = np.asarray(pvalues, dtype=np.float64)
-    adjusted = np.empty_like(p)
-    running = 0.0
-    for rank, i in enumerate(np.argsort(p, kind="stable")):
-        running = max(running, min(1.0, (p.size - rank) * float(p[i])))
-        adjusted[i] = running
-    return adjusted.tolist()
 
 
 def decide_verdict(
@@ -743,7 +731,9 @@ def _check_arguments(
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1; got {resamples}")
     if resamples < MIN_RESAMPLES:
-        log.warning("resamples=%d is below the %d SPEC.md asks for", resamples, MIN_RESAMPLES)
+        log.warning(
+            "resamples=%d is below the %d docs/METHODS.md asks for", resamples, MIN_RESAMPLES
+        )
     others = [m for m in per_image if m != reference]
     if methods is not None:
         unknown = [m for m in methods if m not in per_image]
@@ -789,7 +779,7 @@ def compare_methods(
         sesoi: Smallest effect of interest per metric (full name or name before ``@``); missing
             ones come from ``DEFAULT_SESOI``.
         alpha: Level of every test.
-        resamples: ``R`` for the bootstrap and the sign-flip test (SPEC: >= 20,000).
+        resamples: ``R`` for the bootstrap and the sign-flip test (docs/METHODS.md: >= 20,000).
         seed: Base seed (results are reproducible and a row does not depend on the other rows).
         methods: Methods to compare (default: all but the reference).
 

@@ -3,7 +3,7 @@
 Fed with maps and ground-truth masks only. Images whose mask is all False (no annotation) are
 skipped and counted (``empty_mask``); non-finite maps are skipped and counted (``non_finite``);
 all-zero maps (what the Explainer returns when a CAM vanishes) are skipped and counted
-(``zero_map``) by every metric here alike (SPEC.md): such a map points nowhere, has no energy and
+(``zero_map``) by every metric here alike (docs/METHODS.md): such a map points nowhere, has no energy and
 no thresholded region, so scoring it would score an arbitrary pixel (the pointing game's arg-max of
 a constant map is pixel (0, 0)).
 Connected components for box accuracy are labelled with ``scipy.ndimage.label`` on CPU: the one
