@@ -348,46 +348,39 @@ PEAK_RULES: tuple[str, ...] = ("cell_centre", "argmax")
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def _bounds(plateau: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """First and last row and column of each non-empty ``(B, H, W)`` bool map, inclusive."""
-    _, h, w = plateau.shape
-    rows, cols = plateau.any(dim=2), plateau.any(dim=1)
-    ar_h = torch.arange(h, device=plateau.device)
-    ar_w = torch.arange(w, device=plateau.device)
-    y0 = torch.where(rows, ar_h, h).amin(dim=1)
-    y1 = torch.where(rows, ar_h, -1).amax(dim=1)
-    x0 = torch.where(cols, ar_w, w).amin(dim=1)
-    x1 = torch.where(cols, ar_w, -1).amax(dim=1)
-    return y0, y1, x0, x1
+def _extent(present: Tensor) -> tuple[Tensor, Tensor]:
+    """First and last index where ``present`` ``(B, N)`` bool is True, per row (non-empty rows)."""
+    n = present.shape[1]
+    ar = torch.arange(n, device=present.device)
+    return torch.where(present, ar, n).amin(dim=1), torch.where(present, ar, -1).amax(dim=1)
 
 
-def _component_at(plateau: Tensor, seeds: Tensor) -> Tensor:
-    """The 8-connected component of each plateau that holds its seed pixel.
+def _component_at(plateau: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column pixel counts of the 8-connected plateau component holding each seed.
 
-    Plateaus that fill their bounding box are connected and returned as they are; the others
-    (rare: ties between separate regions) are labelled with ``scipy.ndimage.label`` on CPU.
+    Plateaus that fill their bounding box are connected and counted as they are; the others
+    (rare: ties between separate regions, or plateaus of irregular shape) are labelled with
+    ``scipy.ndimage.label`` on CPU.
 
     Args:
         plateau: ``(B, H, W)`` bool, each True at its seed.
         seeds: ``(B,)`` long flat indices ``y * W + x`` of the seeds.
 
     Returns:
-        ``(B, H, W)`` bool components.
+        ``(rows (B, H), cols (B, W))`` float64 pixel counts of the components.
     """
-    y0, y1, x0, x1 = _bounds(plateau)
-    filled = plateau.flatten(1).sum(1) == (y1 - y0 + 1) * (x1 - x0 + 1)
-    todo = (~filled).nonzero().flatten().tolist()
-    if not todo:
-        return plateau
-    out = plateau.clone()
-    arr = plateau[todo].cpu().numpy()
+    pf = plateau.float()
+    rows, cols = pf.sum(2).double(), pf.sum(1).double()
+    y0, y1 = _extent(rows > 0)
+    x0, x1 = _extent(cols > 0)
+    filled = rows.sum(1) == ((y1 - y0 + 1) * (x1 - x0 + 1)).double()
     w = plateau.shape[2]
-    for j, i in enumerate(todo):
-        labels, _ = ndimage.label(arr[j], structure=_EIGHT_CONNECTED)
+    for i in (~filled).nonzero().flatten().tolist():
+        labels, _ = ndimage.label(plateau[i].cpu().numpy(), structure=_EIGHT_CONNECTED)
         seed = int(seeds[i])
-        comp = labels == labels[seed // w, seed % w]
-        out[i] = torch.from_numpy(comp).to(plateau.device)
-    return out
+        comp = torch.from_numpy(labels == labels[seed // w, seed % w]).to(rows)
+        rows[i], cols[i] = comp.sum(1), comp.sum(0)
+    return rows, cols
 
 
 def _axis_point(lo: Tensor, hi: Tensor, mean: Tensor, size: int) -> Tensor:
@@ -440,13 +433,12 @@ def map_peaks(maps: Tensor, rule: str = "cell_centre", rtol: float = 1e-6) -> Te
         return torch.stack([first // w, first % w], dim=1)
     top = flat.gather(1, first[:, None])
     plateau = (flat >= top - rtol * top.abs()).view(b, h, w)
-    comp = _component_at(plateau, first)
-    y0, y1, x0, x1 = _bounds(comp)
-    count = comp.flatten(1).sum(1).double()
-    ys = torch.arange(h, device=maps.device, dtype=torch.float64)
-    xs = torch.arange(w, device=maps.device, dtype=torch.float64)
-    my = (comp.sum(2).double() * ys).sum(1) / count
-    mx = (comp.sum(1).double() * xs).sum(1) / count
+    rows, cols = _component_at(plateau, first)  # (B, H), (B, W) pixel counts
+    count = rows.sum(1)
+    y0, y1 = _extent(rows > 0)
+    x0, x1 = _extent(cols > 0)
+    my = (rows * torch.arange(h, device=maps.device, dtype=torch.float64)).sum(1) / count
+    mx = (cols * torch.arange(w, device=maps.device, dtype=torch.float64)).sum(1) / count
     py, px = _axis_point(y0, y1, my, h), _axis_point(x0, x1, mx, w)
     return torch.stack([py, px], dim=1).add_(0.5).floor_().long()
 
