@@ -9,8 +9,9 @@ thresholded region. Images the caller leaves out (``keep`` False) are counted as
 ``localisation_keep`` builds the default keep-mask of these metrics (correctly classified images
 only, docs/METHODS.md, "Metrics") and ``in_top_k`` the grid pointing game's (the target among the
 model's top 4).
-Connected components for box accuracy are labelled with ``scipy.ndimage.label`` on CPU: the one
-place the metrics leave the device (the binary maps go to NumPy and one box per image comes back).
+Connected components are labelled with ``scipy.ndimage.label`` on CPU, the places the metrics
+leave the device: for box accuracy (the binary maps go to NumPy and one box per image comes back)
+and, in the pointing game, for the rare maximum plateaus that are not filled rectangles.
 """
 
 from __future__ import annotations
@@ -277,7 +278,7 @@ class GridPointingGame(PerImageMetric):
     (``functional.grid_energy``; cells as ``functional.grid_cell_masks``). Only pairs whose class
     the model ranks in its top 4 for that grid are scored: the caller passes
     ``keep = in_top_k(logits, targets, 4)`` (the others are counted as ``excluded``). A map that
-    ignores the image scores 25 % in expectation, and a centred one exactly 25 % by symmetry.
+    is uniform, or centred and symmetric (the centre prior), scores exactly 25 %.
     All-zero maps are skipped and counted (``zero_map``), non-finite ones too (``non_finite``).
     Higher is better.
 
