@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from attncam.data import synthetic
 from attncam.data.datamodule import SyntheticDataModule
@@ -20,6 +22,8 @@ from attncam.data.synthetic import (
     load_or_generate,
 )
 from attncam.data.transforms import mask_to_box
+from attncam.metrics import functional as MF
+from tests.integration.helpers import compose
 
 SMALL = {"image_size": 48, "num_classes": 6, "num_train": 24, "num_val": 12, "num_test": 12}
 
@@ -230,3 +234,84 @@ def test_empty_split_is_an_error(cache_dir: str) -> None:
     )
     with pytest.raises(ValueError, match="empty.*num_val"):
         dm.val_dataloader()
+
+
+# --------------------------------------------------------------------------- difficulty presets
+
+
+def _centre_point_hit_rate(masks: torch.Tensor) -> float:
+    """Pointing-game hit rate (%) of a fixed point at the image centre, 15 px tolerance."""
+    n, h, w = masks.shape
+    maps = torch.zeros(n, h, w)
+    maps[:, h // 2, w // 2] = 1.0
+    return float(MF.pointing_game_hits(maps, masks, 15.0).mean())
+
+
+def test_default_preset_is_the_default_generator_and_keeps_its_cache_key() -> None:
+    dm = instantiate(compose("train", ["data=synthetic"]).data)
+    assert dm.config == SyntheticConfig()
+    # The file name (hash of every generation setting) is the one before the difficulty settings
+    # were exposed in conf/data/synthetic.yaml: cached splits stay valid.
+    for split, digest in (("train", "a2b09c0531"), ("val", "e3e10171f2"), ("test", "b9a411dcdb")):
+        assert cache_path(dm.config, split, "/x").name.endswith(f"_{digest}.pt"), split
+
+
+def test_hard_preset_defeats_the_centre_point_at_224_px(tmp_path: Path) -> None:
+    cfg = compose("train", ["data=synthetic_hard"]).data
+    dm = instantiate(cfg, num_train=0, num_val=0, num_test=64, cache_dir=str(tmp_path))
+    assert dm.config.image_size == 224 and dm.config.num_clutter == 16
+    assert dm.config.hue_jitter == dm.config.num_classes / 2  # hue independent of the class
+    # The masks do not depend on clutter and noise (drawn after the objects, painted under them):
+    # measure on clutter-free images to keep the test fast, after checking that on a few.
+    bare = replace(dm.config, num_clutter=0, noise_std=0.0)
+    few = replace(dm.config, num_test=4)
+    assert torch.equal(
+        generate_split(few, "test").masks, generate_split(replace(bare, num_test=4), "test").masks
+    )
+    hard = generate_split(bare, "test")
+    rate = _centre_point_hit_rate(hard.masks)
+    assert rate <= 50.0, f"centre point scores {rate:.1f} % on the hard preset"
+    # ... while on the default settings at 224 px it wins most pointing games.
+    easy = generate_split(replace(bare, object_area=(0.06, 0.22), num_test=32), "test")
+    assert _centre_point_hit_rate(easy.masks) >= 70.0
+
+
+def _hue_resultant(num_classes: int, hue_jitter: float) -> torch.Tensor:
+    """Per class, the length of the mean resultant vector of the object hues (1: one hue)."""
+    cfg = SyntheticConfig(num_classes=num_classes, hue_jitter=hue_jitter)
+    p = synthetic._draw_params(cfg, 4000, 3, seed=0)
+    angle = p.colour[:, 0] * 2 * torch.pi
+    lengths = []
+    for c in range(num_classes):
+        a = angle[p.labels == c]
+        lengths.append(torch.hypot(a.cos().mean(), a.sin().mean()))
+    return torch.stack(lengths)
+
+
+def test_hue_jitter_of_half_the_classes_makes_the_hue_independent_of_the_class() -> None:
+    # Default: each class has its own hue (a strong cue); num_classes / 2: uniform hue per class.
+    assert float(_hue_resultant(8, 0.3).min()) > 0.9
+    assert float(_hue_resultant(8, 4.0).max()) < 0.1  # 500 hues per class: sd of R ~ 0.04
+    assert float(_hue_resultant(5, 2.5).max()) < 0.1
+
+
+def test_difficulty_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="hue_jitter and noise_std must be >= 0, got -1"):
+        SyntheticConfig(hue_jitter=-1.0)
+    with pytest.raises(ValueError, match="noise_std must be >= 0, got 0.3, -0.1"):
+        SyntheticConfig(noise_std=-0.1)
+
+
+def test_datamodule_grid_batches(cache_dir: str) -> None:
+    dm = SyntheticDataModule(
+        image_size=48, num_classes=6, num_train=6, num_val=6, num_test=20, cache_dir=cache_dir
+    )
+    ds = dm.grid_dataset("test")
+    assert len(ds) == 4 * 5  # a quarter of the split's images as grids, four pairs each
+    images, targets, masks, cells = next(iter(dm.grid_dataloader("test", batch_size=8)))
+    assert images.shape == (8, 3, 48, 48) and images.dtype == torch.float32
+    assert targets.tolist() == ds.grids.classes[:2].flatten().tolist()
+    assert masks.shape == (8, 48, 48) and masks.dtype == torch.bool
+    assert cells.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert torch.equal(images[0], images[3])  # one grid, explained once per cell
+    assert len(dm.grid_dataset("test", num_grids=3, seed=1)) == 12

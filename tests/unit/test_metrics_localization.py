@@ -1,10 +1,15 @@
-"""Pointing game, energy pointing game, mask IoU and box accuracy, by hand and at chance."""
+"""Pointing game, energy pointing game, mask IoU and box accuracy, by hand and at chance;
+the pointing game's tie rule on upsampled CAMs; the localisation keep-mask."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from attncam.data.synthetic import SyntheticConfig, generate_split
 from attncam.metrics import (
     BoxAccuracy,
     EnergyPointingGame,
@@ -13,6 +18,8 @@ from attncam.metrics import (
     largest_component_boxes,
 )
 from attncam.metrics import functional as MF
+from attncam.metrics.baselines import centre_prior, oracle_map
+from attncam.metrics.localization import in_top_k, localisation_keep
 from tests.unit.test_metrics_helpers import BoxModel, random_maps
 
 
@@ -97,7 +104,9 @@ def test_all_zero_map_is_skipped_and_counted_by_every_localisation_metric() -> N
     masks[:2, 10:14, 10:14] = True
     masks[0, :2, :2] = True  # image 0: (0, 0) is inside the mask
     masks[2, 10:14, 10:14] = True
-    assert MF.pointing_game_hits(maps[:1], masks[:1], 0).item() == 100.0  # the (0, 0) artefact
+    # the (0, 0) artefact of the first arg-max; the plateau rule points at the centre instead
+    assert MF.pointing_game_hits(maps[:1], masks[:1], 0, rule="argmax").item() == 100.0
+    assert MF.map_peaks(maps[:1]).tolist() == [[8, 8]]
     metrics = {
         "pointing_game": (PointingGame(tolerance=0), 50.0),
         "energy_pointing_game": (EnergyPointingGame(), 50.0),
@@ -111,3 +120,127 @@ def test_all_zero_map_is_skipped_and_counted_by_every_localisation_metric() -> N
         assert r.skipped == {"zero_map": 1}, name
         assert r.value == pytest.approx(expected), name
         assert metric.skipped_counts()["zero_map"] == 1, name
+
+
+# --------------------------------------------------------------------------- tie rule
+
+
+def _cam(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, h, w)`` CAMs upsampled like every attncam map (bilinear, align_corners=False)."""
+    up = F.interpolate(grid[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    lo = up.flatten(1).amin(1)[:, None, None]
+    hi = up.flatten(1).amax(1)[:, None, None]
+    return (up - lo) / (hi - lo)
+
+
+def test_three_by_three_map_with_top_left_maximum_points_at_that_cells_centre_at_224() -> None:
+    grid = torch.zeros(1, 3, 3)
+    grid[0, 0, 0] = 1.0
+    maps = _cam(grid, (224, 224))
+    # Bilinear upsampling makes a plateau from the border to the cell's centre (224 / 6 px).
+    assert maps[0, 0, 0] == 1.0 and maps[0, 36, 36] == 1.0 and maps[0, 37, 37] < 1.0
+    centre = 224 / 6 - 0.5  # the cell's centre in pixel indices: 36.83
+    assert MF.map_peaks(maps).tolist() == [[36, 36]]  # the plateau's inner edge
+    assert MF.map_peaks(maps, "argmax").tolist() == [[0, 0]]  # the old rule: a border pixel
+    centre_region = torch.zeros(1, 224, 224, dtype=torch.bool)
+    centre_region[0, 35:40, 35:40] = True  # only the cell's centre region
+    border_pixel = torch.zeros(1, 224, 224, dtype=torch.bool)
+    border_pixel[0, 0, 0] = True  # only the border pixel
+    for mask, expected in ((centre_region, 100.0), (border_pixel, 0.0)):
+        pg = PointingGame()  # 15 px, the cell-centre rule
+        pg.update(maps, mask)
+        assert pg.compute().value == expected
+        old = PointingGame(rule="argmax")
+        old.update(maps, mask)
+        assert old.compute().value == 100.0 - expected
+    assert abs(MF.map_peaks(maps)[0, 0].item() - centre) < 1
+
+
+def test_peak_is_within_one_pixel_of_the_maximum_cells_centre_for_any_grid_and_size() -> None:
+    rng = random.Random(0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        h, w = rng.randint(1, 9), rng.randint(1, 9)
+        size = (rng.choice([32, 72, 128, 224]), rng.choice([64, 96, 224]))
+        grid = 0.5 * torch.rand(1, h, w, generator=gen)
+        i, j = rng.randrange(h), rng.randrange(w)
+        grid[0, i, j] = 1.0
+        peak = MF.map_peaks(_cam(grid, size))[0].tolist()
+        cy, cx = (i + 0.5) * size[0] / h - 0.5, (j + 0.5) * size[1] / w - 0.5
+        assert abs(peak[0] - cy) < 1 and abs(peak[1] - cx) < 1, (h, w, size, i, j, peak)
+
+
+def test_tie_rule_on_full_resolution_maps_and_plateaus() -> None:
+    maps = torch.zeros(4, 20, 30)
+    maps[0, 0, 7] = 1.0  # a one-pixel maximum on the border: that pixel
+    maps[0, 5, 5] = 0.9
+    maps[1] = 0.5  # a constant map: the middle of the image
+    maps[2, 4:7, 10:16] = 1.0  # an interior plateau: its centroid (5, 12.5) rounded
+    maps[3, 2:4, 2:4] = 1.0  # two equal maxima: the component of the first arg-max
+    maps[3, 15:18, 20:27] = 1.0
+    assert MF.map_peaks(maps).tolist() == [[0, 7], [10, 15], [5, 13], [3, 3]]
+    assert MF.map_peaks(maps, "argmax").tolist() == [[0, 7], [0, 0], [4, 10], [2, 2]]
+    with pytest.raises(ValueError, match="unknown peak rule 'max'; choose one of: cell_centre"):
+        MF.map_peaks(maps, "max")
+    with pytest.raises(ValueError, match="unknown peak rule 'max'; choose one of: cell_centre"):
+        PointingGame(rule="max")
+
+
+@pytest.fixture(scope="module")
+def masks_224() -> torch.Tensor:
+    """Object masks of 64 built-in synthetic test images at 224 px (default settings)."""
+    cfg = SyntheticConfig(image_size=224, num_train=0, num_val=0, num_test=64)
+    return generate_split(cfg, "test").masks
+
+
+def test_perfect_map_pooled_to_a_coarse_grid_beats_the_centre_point(
+    masks_224: torch.Tensor,
+) -> None:
+    # The issue's finding: a perfect map (the mask pooled to the CAM grid) lost hits to the
+    # first-arg-max rule, whose border plateaus point at border pixels.
+    n = masks_224.shape[0]
+    centre = MF.pointing_game_hits(centre_prior(n, (224, 224)), masks_224).mean().item()
+    perfect = oracle_map(masks_224, (3, 3))
+    assert bool(MF.nonzero_maps(perfect).all())
+    new = MF.pointing_game_hits(perfect, masks_224).mean().item()
+    old = MF.pointing_game_hits(perfect, masks_224, rule="argmax").mean().item()
+    assert new >= centre and new >= 95.0
+    assert old <= 90.0  # the old rule loses at least 5 points of hits on the same maps
+    # The centre point itself is a one-pixel-wide peak: both rules agree on it.
+    old_centre = MF.pointing_game_hits(centre_prior(n, (224, 224)), masks_224, rule="argmax")
+    assert abs(old_centre.mean().item() - centre) <= 100.0 / n
+
+
+# --------------------------------------------------------------------------- keep-masks
+
+
+def test_localisation_keep_leaves_out_misclassified_images_and_counts_them() -> None:
+    keep = torch.tensor([True, True, False, True])
+    predicted = torch.tensor([0, 1, 2, 3])
+    labels = torch.tensor([0, 2, 2, 3])
+    assert localisation_keep(keep, predicted, labels).tolist() == [True, False, False, True]
+    assert localisation_keep(keep, predicted, labels, only_correct=False).tolist() == keep.tolist()
+    assert localisation_keep(keep, predicted, None).tolist() == keep.tolist()
+    unlabelled = torch.tensor([-1, -1, -1, -1])
+    assert localisation_keep(keep, predicted, unlabelled).tolist() == keep.tolist()
+    maps = torch.zeros(4, 8, 8)
+    maps[:, 2, 2] = 1.0
+    masks = torch.zeros(4, 8, 8, dtype=torch.bool)
+    masks[:, 2, 2] = True
+    pg = PointingGame(tolerance=0)
+    pg.update(maps, masks, localisation_keep(keep, predicted, labels))
+    r = pg.compute()
+    assert r.n == 2 and r.value == 100.0 and r.skipped == {"excluded": 2}
+
+
+def test_in_top_k() -> None:
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    targets = torch.tensor([3, 1])
+    assert in_top_k(logits, targets, 4).tolist() == [True, False]
+    assert in_top_k(logits, targets, 5).tolist() == [True, True]
+    assert in_top_k(logits, targets, 1).tolist() == [False, False]
+    assert in_top_k(logits, targets, 100).tolist() == [True, True]
+    ties = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
+    assert in_top_k(ties, torch.tensor([4]), 4).tolist() == [True]  # a tie with the 4th counts
+    with pytest.raises(ValueError, match="k must be >= 1; got 0"):
+        in_top_k(logits, targets, 0)

@@ -30,10 +30,13 @@ from torch.utils.data import DataLoader, Dataset
 from attncam.data import folders
 from attncam.data.folders import ImageFileDataset, Sample, SkipReport, VerifyMode
 from attncam.data.synthetic import (
+    GRID_CELLS,
     SPLITS,
+    GridDataset,
     SyntheticConfig,
     SyntheticDataset,
     SyntheticSplit,
+    compose_grids,
     load_or_generate,
 )
 from attncam.data.transforms import EvalTransform, JointTransform, TrainTransform
@@ -223,6 +226,9 @@ class SyntheticDataModule(AttnCamDataModule):
         cache_dir: cache root; None uses `$ATTNCAM_CACHE` or `~/.cache/attncam`.
         object_area: range of the object's area as a fraction of the image.
         num_clutter: distractors per image.
+        hue_jitter: per-image hue jitter in units of the spacing between class hues
+            (`num_classes / 2` makes the hue independent of the class; see `SyntheticConfig`).
+        noise_std: standard deviation of the pixel noise (images in [0, 1]).
         batch_size, num_workers, pin_memory, seed, augment, hflip, explain_batch_size: see
             `AttnCamDataModule`; `seed` also seeds the generation.
         train_scale: area range of the train random resized crop (mild, so the object stays).
@@ -238,6 +244,8 @@ class SyntheticDataModule(AttnCamDataModule):
         cache_dir: str | os.PathLike | None = None,
         object_area: Sequence[float] = (0.06, 0.22),
         num_clutter: int = 8,
+        hue_jitter: float = 0.3,
+        noise_std: float = 0.02,
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool | None = None,
@@ -268,6 +276,8 @@ class SyntheticDataModule(AttnCamDataModule):
             seed=seed,
             object_area=tuple(object_area),  # type: ignore[arg-type]
             num_clutter=num_clutter,
+            hue_jitter=float(hue_jitter),
+            noise_std=float(noise_std),
         )
         self.cache_dir = cache_dir
         self._splits: dict[str, SyntheticSplit] = {}
@@ -288,6 +298,45 @@ class SyntheticDataModule(AttnCamDataModule):
         if split not in self._splits:
             self._splits[split] = load_or_generate(self.config, split, self.cache_dir)
         return self._splits[split]
+
+    def grid_dataset(
+        self, split: Split = "test", num_grids: int | None = None, seed: int | None = None
+    ) -> GridDataset:
+        """Grid-class pairs for the grid pointing game (Böhle et al. 2021), from one split.
+
+        Args:
+            split: the split whose images are composed into 2 x 2 grids.
+            num_grids: number of grids (None: a quarter of the split, each image about once).
+            seed: seed of the grids (None: the data module's seed).
+
+        Returns:
+            A `GridDataset`: items `(image, target, mask, cell)`, 4 per grid.
+        """
+        data = self.split_data(split)
+        count = max(1, len(data) // GRID_CELLS) if num_grids is None else int(num_grids)
+        grids = compose_grids(data, count, self.seed if seed is None else int(seed))
+        return GridDataset(grids)
+
+    def grid_dataloader(
+        self,
+        split: Split = "test",
+        num_grids: int | None = None,
+        batch_size: int | None = None,
+        seed: int | None = None,
+    ) -> DataLoader:
+        """The grid-class pairs of `grid_dataset(split, num_grids, seed)`, in order.
+
+        Args:
+            split: the split whose images are composed into grids.
+            num_grids: number of grids (None: a quarter of the split).
+            batch_size: None uses `explain_batch_size`.
+            seed: seed of the grids (None: the data module's seed).
+
+        Returns:
+            Batches `(images (B, 3, S, S), targets (B,), masks (B, S, S) bool, cells (B,))`.
+        """
+        dataset = self.grid_dataset(split, num_grids, seed)
+        return self._loader(dataset, batch_size or self.explain_batch_size, shuffle=False)
 
     def _build_dataset(self, split: Split, transform: JointTransform, return_mask: bool) -> Dataset:
         data = self.split_data(split)

@@ -49,17 +49,22 @@ from attncam.io import atomic_torch_save
 
 __all__ = [
     "GENERATOR_VERSION",
+    "GRID_CELLS",
     "SHAPES",
     "SPLITS",
     "TEXTURES",
+    "GridDataset",
+    "GridSplit",
     "SyntheticConfig",
     "SyntheticDataset",
     "SyntheticSplit",
     "background_photos",
     "cache_path",
     "class_names",
+    "compose_grids",
     "default_cache_dir",
     "generate_split",
+    "grid_cell_bounds",
     "load_or_generate",
 ]
 
@@ -160,7 +165,11 @@ class SyntheticConfig:
         seed: base seed; each split derives its own from it and its name.
         object_area: range of the object's area as a fraction of the image, drawn uniformly.
         num_clutter: distractor items per image.
-        hue_jitter: per-image hue jitter as a fraction of the spacing between class hues.
+        hue_jitter: per-image hue jitter as a fraction of the spacing between class hues: the
+            hue is `(label + U(-hue_jitter, hue_jitter)) / num_classes` on the colour circle.
+            Below 0.5 the class hues do not overlap (the default 0.3 leaves the hue a cue to
+            the class); `num_classes / 2` (or a multiple of it) makes the hue uniform on the
+            circle and independent of the class, leaving only shape and texture.
         noise_std: standard deviation of the pixel noise added last (in [0, 1] units).
     """
 
@@ -182,6 +191,10 @@ class SyntheticConfig:
         for name in ("num_train", "num_val", "num_test", "num_clutter"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.hue_jitter < 0 or self.noise_std < 0:
+            raise ValueError(
+                f"hue_jitter and noise_std must be >= 0, got {self.hue_jitter}, {self.noise_std}"
+            )
         lo, hi = self.object_area
         if not 0.0 < lo <= hi <= 0.5:
             raise ValueError(f"object_area must satisfy 0 < min <= max <= 0.5, got {(lo, hi)}")
@@ -912,3 +925,146 @@ class SyntheticDataset(Dataset):
             assert mask is not None
             return image, label, mask
         return image, label
+
+
+# ----------------------------------------------------------------------------------------------
+# 2 x 2 grids of four classes (grid pointing game)
+# ----------------------------------------------------------------------------------------------
+
+#: Objects per grid image; cells are numbered row-major (0 top-left, 3 bottom-right).
+GRID_CELLS = 4
+
+
+def grid_cell_bounds(size: int) -> list[tuple[int, int, int, int]]:
+    """Pixel bounds `(y0, y1, x0, x1)` (exclusive ends) of the four cells of a grid of side `S`.
+
+    The top and left halves have `S // 2` pixels (the layout the grid pointing game scores,
+    `attncam.metrics.functional.grid_cell_masks`).
+    """
+    half = size // 2
+    spans = [(0, half), (half, size)]
+    return [(*spans[k // 2], *spans[k % 2]) for k in range(GRID_CELLS)]
+
+
+@dataclass
+class GridSplit:
+    """2 x 2 grid images of four objects of different classes (Böhle et al., CVPR 2021).
+
+    Attributes:
+        images: `(G, 3, S, S)` uint8 grids.
+        classes: `(G, 4)` int64 class of each cell, row-major, distinct within a grid.
+        sources: `(G, 4)` int64 index of each cell's image in the source split.
+        segments: `(G, S, S)` int8 cell (0..3) of the object covering each pixel, -1 elsewhere.
+        class_names: names of the classes.
+    """
+
+    images: torch.Tensor
+    classes: torch.Tensor
+    sources: torch.Tensor
+    segments: torch.Tensor
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return int(self.classes.shape[0])
+
+
+def _grid_picks(labels: torch.Tensor, num_grids: int, g: torch.Generator) -> torch.Tensor:
+    """`(G, 4)` source indices: four distinct classes per grid, each class's images in turn.
+
+    Each grid draws four distinct classes uniformly; each class hands out its images in a seeded
+    random order, starting over when all are used, so the images are used about equally often.
+    """
+    present = labels.unique()
+    if present.numel() < GRID_CELLS:
+        raise ValueError(
+            f"a 2 x 2 grid needs images of at least {GRID_CELLS} classes; the split has "
+            f"{present.numel()} ({present.tolist()})"
+        )
+    order = torch.rand(num_grids, present.numel(), generator=g).argsort(dim=1)[:, :GRID_CELLS]
+    classes = present[order]
+    queues: dict[int, torch.Tensor] = {}
+    for c in present.tolist():
+        members = (labels == c).nonzero().flatten()
+        queues[c] = members[torch.randperm(members.numel(), generator=g)]
+    used = dict.fromkeys(queues, 0)
+    picks = torch.empty(num_grids, GRID_CELLS, dtype=torch.long)
+    for i, row in enumerate(classes.tolist()):
+        for k, c in enumerate(row):
+            queue = queues[c]
+            picks[i, k] = queue[used[c] % len(queue)]
+            used[c] += 1
+    return picks
+
+
+def _shrink(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area (average-pooling) resize of `(N, C, H, W)` float to a smaller `(N, C, *size)`."""
+    return F.interpolate(x, size=size, mode="area")
+
+
+def compose_grids(data: SyntheticSplit, num_grids: int, seed: int = 0) -> GridSplit:
+    """Compose 2 x 2 grids of four images of different classes, each resized to half the side.
+
+    The grid pointing game (Böhle et al. 2021) explains each grid once per class in it and
+    scores the share of the map's mass in that class's cell. The grids are seeded and do not
+    depend on anything but `data`, `num_grids` and `seed`.
+
+    Args:
+        data: the source split (images of at least 4 classes).
+        num_grids: number of grids `G`, >= 1.
+        seed: seed of the class and image draws.
+
+    Returns:
+        The grids (each cell the source image average-pooled to half the side); an object's
+        pixels in its grid are those its pooled mask covers at least half.
+
+    Raises:
+        ValueError: On `num_grids < 1` or fewer than 4 classes in `data`.
+    """
+    if num_grids < 1:
+        raise ValueError(f"num_grids must be >= 1; got {num_grids}")
+    g = torch.Generator().manual_seed(int(seed))
+    picks = _grid_picks(data.labels, int(num_grids), g)
+    size = int(data.images.shape[-1])
+    images = torch.empty(num_grids, 3, size, size, dtype=torch.uint8)
+    segments = torch.full((num_grids, size, size), -1, dtype=torch.int8)
+    for k, (y0, y1, x0, x1) in enumerate(grid_cell_bounds(size)):
+        src = picks[:, k]
+        cell = _shrink(data.images[src].float(), (y1 - y0, x1 - x0))
+        images[:, :, y0:y1, x0:x1] = cell.clamp_(0.0, 255.0).round_().to(torch.uint8)
+        cover = _shrink(data.masks[src, None].float(), (y1 - y0, x1 - x0))[:, 0] >= 0.5
+        segments[:, y0:y1, x0:x1] = torch.where(cover, k, -1).to(torch.int8)
+    return GridSplit(
+        images=images,
+        classes=data.labels[picks].clone(),
+        sources=picks,
+        segments=segments,
+        class_names=list(data.class_names),
+    )
+
+
+class GridDataset(Dataset):
+    """Grid-class pairs of a `GridSplit`: each grid once per cell, grid by grid.
+
+    Item `i` is grid `i // 4` with the class of cell `i % 4` as target:
+    `(image (3, S, S) float in [0, 1], target class int, mask (S, S) bool, cell int)`; the mask is
+    the target object's pixels in the grid. The DataLoader's default collation gives batches
+    `(images (B, 3, S, S), targets (B,), masks (B, S, S), cells (B,))`; `i` is the pair's id.
+
+    Args:
+        grids: the composed grids.
+    """
+
+    def __init__(self, grids: GridSplit) -> None:
+        self.grids = grids
+        self.class_names = list(grids.class_names)
+
+    def __len__(self) -> int:
+        return GRID_CELLS * len(self.grids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"grid pair {index} out of range [0, {len(self)})")
+        grid, cell = divmod(int(index), GRID_CELLS)
+        image = self.grids.images[grid].float().div_(255.0)
+        target = int(self.grids.classes[grid, cell])
+        return image, target, self.grids.segments[grid] == cell, cell

@@ -3,6 +3,9 @@
 Shapes use named axes: ``B`` images, ``C`` classes, ``H x W`` input resolution, ``P`` levels.
 Maps are ``(B, H, W)`` floats in [0, 1]; masks are ``(B, H, W)`` bools. Percentages are 0-100
 (docs/METHODS.md, "Metrics").
+
+One exception to "tensors stay on their device": ``map_peaks`` labels the rare maximum plateaus
+that are not filled rectangles with ``scipy.ndimage.label`` on CPU.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -337,24 +342,128 @@ def nonzero_maps(maps: Tensor) -> Tensor:
     return torch.nan_to_num(maps, nan=0.0).flatten(1).sum(1) > 0
 
 
-def pointing_game_hits(maps: Tensor, masks: Tensor, tolerance: float = 15.0) -> Tensor:
-    """Pointing game (Zhang et al. 2016): is the map's maximum within ``tolerance`` px of the mask?
+#: Rules for the point a map points with (the pointing game): see ``map_peaks``.
+PEAK_RULES: tuple[str, ...] = ("cell_centre", "argmax")
 
-    The maximum is the first arg-max in row-major order; the distance is Euclidean, to the
-    nearest mask pixel (an exact distance transform evaluated at one point).
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def _extent(present: Tensor) -> tuple[Tensor, Tensor]:
+    """First and last index where ``present`` ``(B, N)`` bool is True, per row (non-empty rows)."""
+    n = present.shape[1]
+    ar = torch.arange(n, device=present.device)
+    return torch.where(present, ar, n).amin(dim=1), torch.where(present, ar, -1).amax(dim=1)
+
+
+def _component_at(plateau: Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
+    """Row and column pixel counts of the 8-connected plateau component holding each seed.
+
+    Plateaus that fill their bounding box are connected and counted as they are; the others
+    (rare: ties between separate regions, or plateaus of irregular shape) are labelled with
+    ``scipy.ndimage.label`` on CPU.
 
     Args:
-        maps: ``(B, H, W)``, not all zero (an all-zero map's arg-max is pixel (0, 0): callers skip
-            those, see :func:`nonzero_maps`).
+        plateau: ``(B, H, W)`` bool, each True at its seed.
+        seeds: ``(B,)`` long flat indices ``y * W + x`` of the seeds.
+
+    Returns:
+        ``(rows (B, H), cols (B, W))`` float64 pixel counts of the components.
+    """
+    pf = plateau.float()
+    rows, cols = pf.sum(2).double(), pf.sum(1).double()
+    y0, y1 = _extent(rows > 0)
+    x0, x1 = _extent(cols > 0)
+    filled = rows.sum(1) == ((y1 - y0 + 1) * (x1 - x0 + 1)).double()
+    w = plateau.shape[2]
+    for i in (~filled).nonzero().flatten().tolist():
+        labels, _ = ndimage.label(plateau[i].cpu().numpy(), structure=_EIGHT_CONNECTED)
+        seed = int(seeds[i])
+        comp = torch.from_numpy(labels == labels[seed // w, seed % w]).to(rows)
+        rows[i], cols[i] = comp.sum(1), comp.sum(0)
+    return rows, cols
+
+
+def _axis_point(lo: Tensor, hi: Tensor, mean: Tensor, size: int) -> Tensor:
+    """One coordinate of the point of a plateau spanning ``[lo, hi]`` on an axis of ``size``.
+
+    The inner edge where the plateau touches one border only, the middle of the axis where it
+    spans the axis, its centroid ``mean`` elsewhere (see ``map_peaks``).
+    """
+    at_lo, at_hi = lo == 0, hi == size - 1
+    middle = torch.full_like(mean, (size - 1) / 2)
+    point = torch.where(at_lo & at_hi, middle, mean)
+    point = torch.where(at_lo & ~at_hi, hi.to(mean.dtype), point)
+    return torch.where(at_hi & ~at_lo, lo.to(mean.dtype), point)
+
+
+def map_peaks(maps: Tensor, rule: str = "cell_centre", rtol: float = 1e-6) -> Tensor:
+    """The pixel each map points at: its maximum, with a tie rule that invents no border hits.
+
+    ``rule="argmax"``: the first arg-max in row-major order (the rule of Zhang et al. 2016 on a
+    map with one maximum). ``rule="cell_centre"`` (docs/METHODS.md, "Pointing game"): the
+    maximum plateau (pixels ``>= max - rtol * |max|``), restricted to its 8-connected component
+    that holds the first arg-max, is mapped back to the centre of the CAM cell it comes from.
+    Bilinear upsampling with ``align_corners=False`` (every attncam map) turns an interior cell's
+    maximum into a peak at the cell's centre, but clamps at the border: every pixel between the
+    image border and a border cell's centre takes that cell's value, so a border maximum becomes
+    a plateau from the border to the cell's centre and its first arg-max is a border pixel. Per
+    axis the point is therefore the plateau's inner edge where it touches one border only, the
+    middle of the axis where it spans the axis (e.g. a constant map), and the plateau's centroid
+    elsewhere, rounded to the nearest pixel. A map with a one-pixel maximum points at that pixel
+    under both rules. The rule assumes bilinear upsampling: for a nearest-neighbour upsampled
+    map a border cell's point is its inner edge, half a cell from its centre.
+
+    Args:
+        maps: ``(B, H, W)`` finite maps.
+        rule: One of ``PEAK_RULES``.
+        rtol: Relative tolerance of the maximum plateau.
+
+    Returns:
+        ``(B, 2)`` long ``(row, column)`` of the pixel pointed at.
+
+    Raises:
+        ValueError: On an unknown rule.
+    """
+    if rule not in PEAK_RULES:
+        raise ValueError(f"unknown peak rule '{rule}'; choose one of: {', '.join(PEAK_RULES)}")
+    b, h, w = maps.shape
+    flat = maps.flatten(1)
+    first = flat.argmax(dim=1)
+    if rule == "argmax":
+        return torch.stack([first // w, first % w], dim=1)
+    top = flat.gather(1, first[:, None])
+    plateau = (flat >= top - rtol * top.abs()).view(b, h, w)
+    rows, cols = _component_at(plateau, first)  # (B, H), (B, W) pixel counts
+    count = rows.sum(1)
+    y0, y1 = _extent(rows > 0)
+    x0, x1 = _extent(cols > 0)
+    my = (rows * torch.arange(h, device=maps.device, dtype=torch.float64)).sum(1) / count
+    mx = (cols * torch.arange(w, device=maps.device, dtype=torch.float64)).sum(1) / count
+    py, px = _axis_point(y0, y1, my, h), _axis_point(x0, x1, mx, w)
+    return torch.stack([py, px], dim=1).add_(0.5).floor_().long()
+
+
+def pointing_game_hits(
+    maps: Tensor, masks: Tensor, tolerance: float = 15.0, rule: str = "cell_centre"
+) -> Tensor:
+    """Pointing game (Zhang et al. 2016): is the map's point within ``tolerance`` px of the mask?
+
+    The point is ``map_peaks(maps, rule)``; the distance is Euclidean, to the nearest mask
+    pixel (an exact distance transform evaluated at one point).
+
+    Args:
+        maps: ``(B, H, W)``, finite and not all zero (callers skip those, see
+            :func:`nonzero_maps`: an all-zero map has no maximum to point with).
         masks: ``(B, H, W)`` bool, each with at least one pixel.
         tolerance: Tolerance in pixels.
+        rule: One of ``PEAK_RULES`` (default ``"cell_centre"``).
 
     Returns:
         ``(B,)`` 100 for a hit, 0 for a miss.
     """
-    b, h, w = maps.shape
-    idx = maps.flatten(1).argmax(dim=1)
-    py, px = (idx // w).to(maps.dtype), (idx % w).to(maps.dtype)
+    _, h, w = maps.shape
+    peaks = map_peaks(maps, rule).to(maps.dtype)
+    py, px = peaks[:, 0], peaks[:, 1]
     ys = torch.arange(h, device=maps.device, dtype=maps.dtype)
     xs = torch.arange(w, device=maps.device, dtype=maps.dtype)
     d2 = (ys[None, :, None] - py[:, None, None]) ** 2 + (xs[None, None, :] - px[:, None, None]) ** 2
@@ -375,6 +484,47 @@ def energy_in_mask(maps: Tensor, masks: Tensor) -> Tensor:
         ``(B,)`` percentages.
     """
     return 100.0 * (maps * masks).flatten(1).sum(1) / maps.flatten(1).sum(1)
+
+
+def grid_cell_masks(h: int, w: int, device: torch.device | None = None) -> Tensor:
+    """The four cells of a 2 x 2 grid image, row-major (Böhle et al. 2021, grid pointing game).
+
+    Cell ``k`` covers rows ``[0, H // 2)`` (``k < 2``) or ``[H // 2, H)`` and columns
+    ``[0, W // 2)`` (``k`` even) or ``[W // 2, W)``: the layout of
+    ``attncam.data.synthetic.compose_grids``.
+
+    Args:
+        h: Image height ``H``.
+        w: Image width ``W``.
+        device: Device of the result.
+
+    Returns:
+        ``(4, H, W)`` bool, disjoint, covering the image.
+    """
+    rows = torch.arange(h, device=device) >= h // 2  # (H,) True in the bottom half
+    cols = torch.arange(w, device=device) >= w // 2  # (W,) True in the right half
+    cells = [(rows[:, None] == bool(k // 2)) & (cols[None, :] == bool(k % 2)) for k in range(4)]
+    return torch.stack(cells)
+
+
+def grid_energy(maps: Tensor, cells: Tensor) -> Tensor:
+    """Share (%) of each map's positive mass inside its target's grid cell (Böhle et al. 2021).
+
+    ``100 * sum(relu(L) * cell) / sum(relu(L))``: the localisation metric of Böhle et al.
+    (CVPR 2021, Convolutional Dynamic Alignment Networks) on a 2 x 2 grid of images of four
+    classes (cells as ``grid_cell_masks``).
+
+    Args:
+        maps: ``(B, H, W)`` with a positive mass.
+        cells: ``(B,)`` long target cells in ``0..3``, row-major.
+
+    Returns:
+        ``(B,)`` percentages.
+    """
+    _, h, w = maps.shape
+    pos = maps.clamp_min(0)
+    inside = grid_cell_masks(h, w, maps.device)[cells]  # (B, H, W)
+    return 100.0 * (pos * inside).flatten(1).sum(1) / pos.flatten(1).sum(1)
 
 
 def mask_iou(pred: Tensor, gt: Tensor) -> Tensor:
