@@ -95,7 +95,7 @@ def _grid_inputs(n: int = 3, h: int = 16, w: int = 16) -> tuple[torch.Tensor, di
 
 def test_explanation_grid_writes_png(tmp_path: Path) -> None:
     images, maps, masks = _grid_inputs()
-    out = explanation_grid(
+    [out] = explanation_grid(
         images,
         maps,
         tmp_path / "sub" / "grid.png",
@@ -113,7 +113,7 @@ def test_explanation_grid_writes_png(tmp_path: Path) -> None:
 
 def test_explanation_grid_max_rows_and_checks(tmp_path: Path) -> None:
     images, maps, _ = _grid_inputs(n=4)
-    out = explanation_grid(images, maps, tmp_path / "g.png", cell_size=1.0, dpi=50, max_rows=1)
+    [out] = explanation_grid(images, maps, tmp_path / "g.png", cell_size=1.0, dpi=50, max_rows=1)
     assert _png_size(out)[1] < 80  # one row
     with pytest.raises(ValueError, match="scorecam"):
         explanation_grid(images, {"scorecam": torch.rand(3, 16, 16)}, tmp_path / "bad.png")
@@ -193,4 +193,4 @@ def test_failed_save_leaves_no_partial_file(
 def test_accepts_non_contiguous_and_half_inputs(tmp_path: Path) -> None:
     images = torch.rand(2, 16, 16, 3).permute(0, 3, 1, 2)  # channels-last view
     maps = {"m": torch.rand(2, 16, 16).half()}
-    _png_size(explanation_grid(images, maps, tmp_path / "g.png", cell_size=0.8, dpi=40))
+    _png_size(explanation_grid(images, maps, tmp_path / "g.png", cell_size=0.8, dpi=40)[0])
