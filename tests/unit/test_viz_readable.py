@@ -346,3 +346,18 @@ def test_curves_and_bars_readable_for_all_methods(
     for fig, path, _ in seen:
         assert not _small_texts(fig), path.name
         assert _size(path)[0] <= MAX_WIDTH_PX, path.name
+
+
+def test_scatter_ratio_line_has_least_squares_slope(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _capture(monkeypatch, figures_mod)
+    x = torch.tensor([1.0, 2.0, -1.0, 3.0])
+    y = torch.tensor([2.0, 5.0, -2.0, 5.0])  # sum(xy) / sum(x^2) = 29 / 15
+    figures_mod.scatter_ratio_plot(x, y, tmp_path / "s.png", xlabel="w", ylabel="g", title="Z")
+    [(fig, _, _)] = seen
+    line = fig.axes[0].get_lines()[0]
+    xs, ys = line.get_xdata(), line.get_ydata()
+    assert (ys[1] - ys[0]) / (xs[1] - xs[0]) == pytest.approx(29 / 15)
+    assert list(xs) == [-1.0, 3.0] and "slope = 1.933" in line.get_label()
+    assert not _small_texts(fig)

@@ -32,6 +32,7 @@ __all__ = [
     "draw_outline",
     "file_slug",
     "hide_ticks",
+    "line_style",
     "new_figure",
     "save_figure",
     "wrap_name",
@@ -54,29 +55,29 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: float = 100) -> Path:
+def save_figure(
+    fig: Figure, path: str | os.PathLike[str], *, dpi: float = 100, tight: bool = True
+) -> Path:
     """Writes ``fig`` as a PNG atomically (:func:`attncam.io.write_bytes_with`).
 
-    The saved area is the tight bounding box of everything drawn, so text placed outside the
-    figure rectangle (row titles, colour bars) is kept. A failure while drawing or saving leaves
-    neither a partial ``path`` nor a temporary file.
+    With ``tight`` the saved area is the tight bounding box of everything drawn, so text placed
+    outside the figure rectangle (row titles, colour bars) is kept; that costs a second drawing
+    pass. A failure while drawing or saving leaves neither a partial ``path`` nor a temporary
+    file.
 
     Args:
         fig: Figure to save (its canvas is set to Agg if it has none).
         path: Destination; parent folders are created.
         dpi: Resolution in dots per inch.
+        tight: Crop to the drawn content; False saves the figure rectangle as laid out.
 
     Returns:
         The destination as a :class:`~pathlib.Path`.
     """
     if not isinstance(fig.canvas, FigureCanvasAgg):
         FigureCanvasAgg(fig)
-    return write_bytes_with(
-        path,
-        lambda handle: fig.savefig(
-            handle, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.05
-        ),
-    )
+    crop = {"bbox_inches": "tight", "pad_inches": 0.05} if tight else {}
+    return write_bytes_with(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi, **crop))
 
 
 def as_cpu(x: Tensor) -> Tensor:
@@ -110,6 +111,12 @@ def draw_outline(ax: Axes, mask: Tensor) -> None:
     contour.set_path_effects([patheffects.withStroke(linewidth=2.8, foreground="black")])
     ax.set_xlim(xlim)
     ax.set_ylim(ylim)
+
+
+def line_style(k: int) -> dict[str, str]:
+    """Colour and dash pattern of the ``k``-th line: the ten default colours, then the same
+    colours dashed, dotted, dash-dotted, so that up to 40 methods stay distinguishable."""
+    return {"color": f"C{k % 10}", "linestyle": ("-", "--", ":", "-.")[(k // 10) % 4]}
 
 
 def wrap_name(name: str, width: int) -> str:

@@ -16,17 +16,23 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from torch import Tensor
 
-from attncam.viz.common import LABEL_PT, SMALL_PT, TITLE_PT, as_cpu, new_figure, save_figure
+from attncam.viz.common import (
+    LABEL_PT,
+    SMALL_PT,
+    TITLE_PT,
+    as_cpu,
+    line_style,
+    new_figure,
+    save_figure,
+)
 from attncam.viz.grid import explanation_grid
 
 __all__ = ["curves_plot", "explanation_grid", "metric_bars", "save_figure", "scatter_ratio_plot"]
 
 log = logging.getLogger(__name__)
-
-#: Widest bar chart, in inches (1,900 px at 100 dpi).
-MAX_WIDTH_IN = 19.0
 
 
 def curves_plot(
@@ -53,7 +59,7 @@ def curves_plot(
     """
     fig = new_figure(10.0, 4.0)
     ax_del, ax_ins = fig.subplots(1, 2)
-    for name, (fractions, deletion, insertion) in curves.items():
+    for k, (name, (fractions, deletion, insertion)) in enumerate(curves.items()):
         f, d, i = (as_cpu(t).flatten() for t in (fractions, deletion, insertion))
         if not f.numel() == d.numel() == i.numel():
             raise ValueError(
@@ -63,8 +69,9 @@ def curves_plot(
         auc = None if aucs is None else aucs.get(name)
         label_del = name if auc is None else f"{name} (AUC {auc[0]:.3f})"
         label_ins = name if auc is None else f"{name} (AUC {auc[1]:.3f})"
-        (line,) = ax_del.plot(f.numpy(), d.numpy(), label=label_del, linewidth=1.5)
-        ax_ins.plot(f.numpy(), i.numpy(), label=label_ins, linewidth=1.5, color=line.get_color())
+        style = line_style(k)
+        ax_del.plot(f.numpy(), d.numpy(), label=label_del, linewidth=1.5, **style)
+        ax_ins.plot(f.numpy(), i.numpy(), label=label_ins, linewidth=1.5, **style)
     for ax, kind, better in ((ax_del, "removed", "lower"), (ax_ins, "inserted", "higher")):
         ax.set_xlabel(f"fraction of pixels {kind}", fontsize=LABEL_PT)
         ax.set_ylabel("target probability", fontsize=LABEL_PT)
@@ -94,19 +101,21 @@ def metric_bars(
     dpi: float = 100,
     max_cols: int = 4,
 ) -> Path:
-    """One bar subplot per metric, one bar per method, with 95% confidence intervals.
+    """One horizontal-bar panel per metric, one bar per method, with 95% confidence intervals.
+
+    Methods are rows (their names written once per row of panels, horizontally, so that twenty
+    long names stay readable); panels wrap after ``max_cols`` metrics.
 
     Args:
         table: ``table[method][metric] = (value, ci_low, ci_high)``. A ``None`` (or NaN) CI bound
             draws no error bar; a ``None`` (or NaN) value, or a metric missing for a method, draws
             no bar but an "n/a" label.
-        metrics: Metrics to draw, in order (one subplot each).
+        metrics: Metrics to draw, in order (one panel each).
         path: Output PNG.
         titles: Metric -> display title (default: the metric key).
-        lower_is_better: Metrics whose subplot title notes "(lower is better)".
+        lower_is_better: Metrics whose panel title notes "(lower is better)".
         dpi: Output resolution.
-        max_cols: Most subplots per figure row (fewer when the row would be wider than
-            ``MAX_WIDTH_IN`` inches).
+        max_cols: Most panels per figure row.
 
     Returns:
         The PNG path.
@@ -117,52 +126,64 @@ def metric_bars(
     if not metrics:
         raise ValueError("metrics is empty; name at least one metric to draw")
     methods = list(table)
-    cell_w = max(3.0, 0.5 * len(methods) + 1.2)
-    # At most MAX_WIDTH_IN inches wide: with many methods, fewer subplots per row.
-    ncols = max(1, min(len(metrics), max_cols, int(MAX_WIDTH_IN // cell_w)))
+    ncols = max(1, min(len(metrics), max_cols))
     nrows = math.ceil(len(metrics) / ncols)
-    fig = new_figure(ncols * cell_w, nrows * 3.6)
-    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    colours = [f"C{k % 10}" for k in range(len(methods))]
-
-    def finite(v: float | None) -> bool:
-        return v is not None and math.isfinite(float(v))
-
+    # The method names take about 0.6 em per character left of the first panel of each row.
+    label_w = 0.3 + 0.6 * SMALL_PT / 72 * max((len(m) for m in methods), default=0)
+    fig = new_figure(label_w + ncols * 2.6, nrows * (0.28 * max(len(methods), 4) + 1.1))
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True).flatten()
     for ax, metric in zip(axes, metrics):
-        xs = list(range(len(methods)))
-        values = [table[m].get(metric, (None, None, None)) for m in methods]
-        top = max((float(v[0]) for v in values if finite(v[0])), default=0.0)
-        top = max(top, max((float(v[2]) for v in values if finite(v[2])), default=0.0))
-        for x, (value, low, high), colour in zip(xs, values, colours):
-            if not finite(value):
-                ax.text(x, 0.0, "n/a", ha="center", va="bottom", fontsize=SMALL_PT, color="0.4")
-                continue
-            value = float(value)
-            yerr = None
-            if finite(low) and finite(high):
-                # A percentile CI need not contain the point estimate; clamp the arms at zero.
-                yerr = [[max(value - float(low), 0.0)], [max(float(high) - value, 0.0)]]
-            ax.bar(x, value, color=colour, width=0.7, yerr=yerr, capsize=3, ecolor="0.2")
+        _bar_panel(ax, [table[m].get(metric, (None, None, None)) for m in methods])
         title = (titles or {}).get(metric, metric)
         if metric in lower_is_better:
             title = f"{title}\n(lower is better)"
         ax.set_title(title, fontsize=TITLE_PT)
-        ax.set_xticks(xs)
-        ax.set_xticklabels(
-            methods, rotation=45 if len(methods) > 3 else 0, ha="right", fontsize=SMALL_PT
-        )
-        if len(methods) <= 3:
-            for label in ax.get_xticklabels():
-                label.set_ha("center")
-        ax.tick_params(axis="y", labelsize=SMALL_PT)
-        ax.axhline(0.0, color="0.3", linewidth=0.8)
-        if top > 0:
-            ax.set_ylim(top=top * 1.1)
-        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_yticks(range(len(methods)))
+    axes[0].set_yticklabels(methods, fontsize=SMALL_PT)
+    axes[0].set_ylim(len(methods) - 0.5, -0.5)  # first method on top (shared by every panel)
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
     fig.tight_layout()
     return save_figure(fig, path, dpi=dpi)
+
+
+def _bar_panel(ax: Axes, values: list[tuple[float | None, float | None, float | None]]) -> None:
+    """Horizontal bars ``(value, low, high)`` at rows ``0..M-1``; "n/a" where there is no value."""
+
+    def finite(v: float | None) -> bool:
+        return v is not None and math.isfinite(float(v))
+
+    for y, (value, low, high) in enumerate(values):
+        if not finite(value):
+            ax.text(0.0, y, " n/a", ha="left", va="center", fontsize=SMALL_PT, color="0.4")
+            continue
+        value = float(value)  # type: ignore[arg-type]
+        xerr = None
+        if finite(low) and finite(high):
+            # A percentile CI need not contain the point estimate; clamp the arms at zero.
+            xerr = [[max(value - float(low), 0.0)], [max(float(high) - value, 0.0)]]  # type: ignore[arg-type]
+        ax.barh(y, value, color=f"C{y % 10}", height=0.7, xerr=xerr, capsize=3, ecolor="0.2")
+    ax.axvline(0.0, color="0.3", linewidth=0.8)
+    ax.tick_params(axis="x", labelsize=SMALL_PT)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _fit_through_origin(ax: Axes, x: Tensor, y: Tensor) -> None:
+    """Draws the least-squares line through the origin, ``Z = sum(x y) / sum(x^2)``, over the
+    range of ``x`` (float64 ``(K,)``); warns and draws nothing when ``sum(x^2) == 0``."""
+    sxx = float((x * x).sum())
+    if sxx > 0:
+        slope = float((x * y).sum()) / sxx
+        lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
+        ax.plot(
+            [lo, hi],
+            [slope * lo, slope * hi],
+            color="C3",
+            linewidth=1.5,
+            label=f"least squares through origin: slope = {slope:.4g}",
+        )
+    else:
+        log.warning("scatter_ratio_plot: sum(x^2) == 0, no line fitted")
 
 
 def scatter_ratio_plot(
@@ -209,19 +230,8 @@ def scatter_ratio_plot(
     fig = new_figure(5.0, 4.5)
     ax = fig.subplots()
     ax.scatter(x.numpy(), y.numpy(), s=8, alpha=0.6, linewidths=0, label=f"channels (K={len(x)})")
-    sxx = float((x * x).sum())
-    if fit_line and sxx > 0:
-        slope = float((x * y).sum()) / sxx
-        lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
-        ax.plot(
-            [lo, hi],
-            [slope * lo, slope * hi],
-            color="C3",
-            linewidth=1.5,
-            label=f"least squares through origin: slope = {slope:.4g}",
-        )
-    elif fit_line:
-        log.warning("scatter_ratio_plot: sum(x^2) == 0, no line fitted")
+    if fit_line:
+        _fit_through_origin(ax, x, y)
     ax.axhline(0.0, color="0.6", linewidth=0.6)
     ax.axvline(0.0, color="0.6", linewidth=0.6)
     ax.set_xlabel(xlabel, fontsize=LABEL_PT)

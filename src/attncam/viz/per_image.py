@@ -28,6 +28,7 @@ from attncam.viz.common import (
     hide_ticks,
     new_figure,
     save_figure,
+    wrap_name,
 )
 from attncam.viz.grid import validate_grid_inputs
 from attncam.viz.overlay import overlay
@@ -81,44 +82,59 @@ def per_image_overlays(
     """
     images, cpu_maps, masks = validate_grid_inputs(images, maps, masks)
     n = images.shape[0]
+    _check_counts(n, ids, titles)
+    paths = []
+    for i in range(n):
+        heads = {name: _title(name, None if titles is None else titles[i], size) for name in maps}
+        lines = max((h.count("\n") + 1 for h in heads.values()), default=1)
+        mask = masks[i] if masks is not None and bool(masks[i].any()) else None
+        fig, panel = _overlay_figure(images[i], mask, cmap, size, lines)
+        for name, m in cpu_maps.items():
+            panel.set_data(
+                overlay(images[i], m[i], alpha=alpha, cmap=cmap).permute(1, 2, 0).numpy()
+            )
+            panel.axes.set_title(heads[name], fontsize=TITLE_PT, loc="left", pad=6)
+            path = per_image_path(out_dir, ids[i], name)
+            # Laid out to fit (see _overlay_figure): no second, cropping pass per file.
+            paths.append(save_figure(fig, path, dpi=dpi, tight=False))
+    return paths
+
+
+def _check_counts(n: int, ids: Sequence[int], titles: Sequence[str] | None) -> None:
+    """One distinct id, and one title if any, per image.
+
+    Raises:
+        ValueError: Naming the count or the repeated ids.
+    """
     if len(ids) != n:
         raise ValueError(f"ids has {len(ids)} entries for {n} images")
     if len(set(ids)) != n:
         raise ValueError(f"ids must be distinct (they name the files); got {list(ids)}")
     if titles is not None and len(titles) != n:
         raise ValueError(f"titles has {len(titles)} entries for {n} images")
-    paths = []
-    for i in range(n):
-        fig, panel = _overlay_figure(images[i], masks, i, cmap, size)
-        for name, m in cpu_maps.items():
-            panel.set_data(
-                overlay(images[i], m[i], alpha=alpha, cmap=cmap).permute(1, 2, 0).numpy()
-            )
-            panel.axes.set_title(
-                _title(name, None if titles is None else titles[i], size),
-                fontsize=TITLE_PT,
-                loc="left",
-                pad=6,
-            )
-            paths.append(save_figure(fig, per_image_path(out_dir, ids[i], name), dpi=dpi))
-    return paths
 
 
 def _overlay_figure(
-    image: Tensor, masks: Tensor | None, i: int, cmap: str, size: float
+    image: Tensor, mask: Tensor | None, cmap: str, size: float, title_lines: int
 ) -> tuple[Figure, AxesImage]:
     """The figure of one image: an image panel (data set per method), its outline, a colour bar.
+
+    Laid out in inches so that nothing needs cropping: a 0.05 margin, the ``size`` square panel,
+    a band of ``title_lines`` title lines above it, and 1.15 right of it for the colour bar, its
+    ticks and its label.
 
     Returns:
         ``(figure, the AxesImage whose data each method replaces)``.
     """
-    fig = new_figure(size + 1.1, size)
-    ax = fig.add_axes((0.0, 0.0, size / (size + 1.1), 1.0))
+    band = 0.2 + title_lines * 1.25 * TITLE_PT / 72
+    w, h = 0.05 + size + 1.15, 0.05 + size + band
+    fig = new_figure(w, h)
+    ax = fig.add_axes((0.05 / w, 0.05 / h, size / w, size / h))
     panel = ax.imshow(image.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="bilinear")
     hide_ticks(ax)
-    if masks is not None and bool(masks[i].any()):
-        draw_outline(ax, masks[i])
-    cax = fig.add_axes(((size + 0.2) / (size + 1.1), 0.1, 0.2 / (size + 1.1), 0.8))
+    if mask is not None:
+        draw_outline(ax, mask)
+    cax = fig.add_axes(((0.25 + size) / w, (0.05 + 0.1 * size) / h, 0.2 / w, 0.8 * size / h))
     bar = fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap), cax=cax)
     bar.set_ticks(np.linspace(0.0, 1.0, 6).tolist())
     bar.ax.tick_params(labelsize=SMALL_PT)
@@ -127,7 +143,7 @@ def _overlay_figure(
 
 
 def _title(method: str, line: str | None, size: float) -> str:
-    """The method name over ``line``, wrapped to the panel's width."""
-    width = max(20, int(size * 72 / (0.6 * TITLE_PT)))
-    parts = [method] + ([] if not line else textwrap.wrap(line, width))
+    """The method name over ``line``, both wrapped to the figure's width."""
+    width = max(20, int((size + 1.1) * 72 / (0.6 * TITLE_PT)))
+    parts = [wrap_name(method, width)] + ([] if not line else textwrap.wrap(line, width))
     return "\n".join(parts)

@@ -18,7 +18,7 @@ from typing import Any
 
 from matplotlib.axes import Axes
 
-from attncam.viz.common import LABEL_PT, SMALL_PT, TITLE_PT, new_figure, save_figure
+from attncam.viz.common import LABEL_PT, SMALL_PT, TITLE_PT, line_style, new_figure, save_figure
 
 __all__ = ["SANITY_MEASURES", "sanity_figure"]
 
@@ -98,10 +98,28 @@ def _draw_lines(
             if missing:
                 log.warning("sanity_figure: %s has no %s at %d of %d layers (gaps)",
                             method, measure, missing, len(layers))  # fmt: skip
-            colour = f"C{k % 10}"
-            ax.plot(xs, values, marker="o", ms=3, lw=1.5, color=colour, label=method)
-            ax.fill_between(xs, lows, highs, color=colour, alpha=0.18, linewidth=0)
+            style = line_style(k)
+            ax.plot(xs, values, marker="o", ms=3, lw=1.5, label=method, **style)
+            ax.fill_between(xs, lows, highs, color=style["color"], alpha=0.18, linewidth=0)
     return drawn
+
+
+def _style_axes(axes: Sequence[Axes], layers: Sequence[str], title: str | None) -> None:
+    """Labels, zero lines, the legend right of the upper panel, layer names under the lower."""
+    for ax, measure in zip(axes, SANITY_MEASURES, strict=True):
+        ax.set_ylabel(SANITY_MEASURES[measure], fontsize=LABEL_PT)
+        ax.axhline(0.0, color="0.5", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(axis="y", labelsize=SMALL_PT)
+    axes[0].legend(fontsize=SMALL_PT, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    _layer_axis(axes[1], layers)
+    axes[0].set_title(
+        title
+        or "Cascading randomisation (Adebayo et al. 2018): the maps after randomising "
+        "every layer up to x,\ncompared with the trained model's maps (mean over images, interval)",
+        fontsize=TITLE_PT,
+        loc="left",
+    )
 
 
 def sanity_figure(
@@ -144,26 +162,15 @@ def sanity_figure(
         log.warning("sanity_figure: %d layer(s) not in the cascade order, not drawn: %s",
                     len(extra), extra)  # fmt: skip
     width = min(19.0, max(8.0, 3.0 + 0.22 * len(layers)))
-    fig = new_figure(width, 7.0)
+    # Two 2.6-inch panels, plus the layer names written vertically under the lower one.
+    names_h = 0.6 * SMALL_PT / 72 * max(len(name) for name in layers)
+    fig = new_figure(width, 6.2 + names_h)
     axes = fig.subplots(2, 1, sharex=True)
     if not _draw_lines(axes, results, layers):
         raise ValueError(
             f"no spearman@/ssim@ result matches any of the layers {layers[:5]}...; "
             f"results hold layers {_unplotted_layers(results, [])[:5]}"
         )
-    for ax, measure in zip(axes, SANITY_MEASURES, strict=True):
-        ax.set_ylabel(SANITY_MEASURES[measure], fontsize=LABEL_PT)
-        ax.axhline(0.0, color="0.5", lw=0.8)
-        ax.grid(alpha=0.3)
-        ax.tick_params(axis="y", labelsize=SMALL_PT)
-    axes[0].legend(fontsize=SMALL_PT, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    _layer_axis(axes[1], layers)
-    axes[0].set_title(
-        title
-        or "Cascading randomisation: maps after randomising the layers up to x "
-        "vs the trained model's (mean and interval)",
-        fontsize=TITLE_PT,
-        loc="left",
-    )
+    _style_axes(axes, layers, title)
     fig.tight_layout()
     return save_figure(fig, path, dpi=dpi)
