@@ -95,7 +95,7 @@ def _grid_inputs(n: int = 3, h: int = 16, w: int = 16) -> tuple[torch.Tensor, di
 
 def test_explanation_grid_writes_png(tmp_path: Path) -> None:
     images, maps, masks = _grid_inputs()
-    out = explanation_grid(
+    [out] = explanation_grid(
         images,
         maps,
         tmp_path / "sub" / "grid.png",
@@ -113,7 +113,7 @@ def test_explanation_grid_writes_png(tmp_path: Path) -> None:
 
 def test_explanation_grid_max_rows_and_checks(tmp_path: Path) -> None:
     images, maps, _ = _grid_inputs(n=4)
-    out = explanation_grid(images, maps, tmp_path / "g.png", cell_size=1.0, dpi=50, max_rows=1)
+    [out] = explanation_grid(images, maps, tmp_path / "g.png", cell_size=1.0, dpi=50, max_rows=1)
     assert _png_size(out)[1] < 80  # one row
     with pytest.raises(ValueError, match="scorecam"):
         explanation_grid(images, {"scorecam": torch.rand(3, 16, 16)}, tmp_path / "bad.png")
@@ -193,4 +193,16 @@ def test_failed_save_leaves_no_partial_file(
 def test_accepts_non_contiguous_and_half_inputs(tmp_path: Path) -> None:
     images = torch.rand(2, 16, 16, 3).permute(0, 3, 1, 2)  # channels-last view
     maps = {"m": torch.rand(2, 16, 16).half()}
-    _png_size(explanation_grid(images, maps, tmp_path / "g.png", cell_size=0.8, dpi=40))
+    _png_size(explanation_grid(images, maps, tmp_path / "g.png", cell_size=0.8, dpi=40)[0])
+
+
+def test_overlay_blend_golden() -> None:
+    """``(1 - alpha) * image + alpha * colour``: grey 0.4 under a full-scale grey map at 0.25."""
+    image = torch.full((3, 4, 4), 0.4)
+    image[0, 0, 0] = float("nan")  # NaN pixels are drawn as 0
+    out = overlay(image, torch.ones(2, 2), alpha=0.25, cmap="gray")
+    expected = torch.full((3, 4, 4), 0.75 * 0.4 + 0.25)
+    expected[0, 0, 0] = 0.25
+    torch.testing.assert_close(out, expected)
+    grey = overlay(torch.full((1, 4, 4), 2.0), torch.zeros(4, 4), alpha=0.5, cmap="gray")
+    torch.testing.assert_close(grey, torch.full((3, 4, 4), 0.5))  # clamped to 1, then blended
