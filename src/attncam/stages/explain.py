@@ -24,12 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from attncam import __version__
 from attncam.data.files import IMAGE_SUFFIXES, ImageFilesDataset
 from attncam.explain import Explainer, result_name
 from attncam.io import write_json_atomic, write_text_atomic
 from attncam.metrics.sanity import randomizable_layers, run_sanity_check
-from attncam.runtime import library_versions
 from attncam.stages import design
 from attncam.stages.common import build_loggers, task_wrapper
 from attncam.stages.explain_module import ExplainModule, ImagesPerSecondBar, WithIds
@@ -43,6 +41,7 @@ from attncam.stages.inputs import (
     method_specs,
 )
 from attncam.stages.outputs import (
+    build_manifest,
     fmt,
     log_wandb,
     write_comparison,
@@ -52,6 +51,7 @@ from attncam.stages.outputs import (
     write_predictions,
     write_tables,
 )
+from attncam.viz import sanity_figure
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,16 @@ def sanity_check(
     collate: Any,
     sanity_cfg: Mapping[str, Any],
     common: Mapping[str, Any],
-) -> dict[str, dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
     """Cascading weight randomisation (Adebayo et al. 2018) for every method.
 
     The first ``num_images`` images are explained for their predicted class by the trained model,
     then by copies whose layers are re-initialised from the top down; Spearman rank correlation
     and SSIM to the original map per layer (``attncam.metrics.sanity``).
+
+    Returns:
+        ``({method: {"spearman@<layer>": result, "ssim@<layer>": result}}, layers in cascade
+        order)``.
     """
     n = min(int(sanity_cfg.get("num_images") or 8), len(dataset))  # type: ignore[arg-type]
     subset = torch.utils.data.Subset(dataset, range(n))
@@ -116,7 +120,7 @@ def sanity_check(
 
         metric = run_sanity_check(net, explain_fn, images, targets, layers, **common)
         out[name] = {k: r.to_dict() for k, r in metric.compute().items()}
-    return out
+    return out, layers
 
 
 def _layer(cfg: DictConfig) -> Any:
@@ -155,42 +159,6 @@ def _trainer(cfg: DictConfig, out: Path, loggers: list[Any]) -> L.Trainer:
     )
 
 
-def _manifest(
-    cfg: DictConfig, model: ModelInfo, data: DataInfo, module: ExplainModule, run: Mapping[str, Any]
-) -> dict[str, Any]:
-    """What was explained, how, with which software, in how long."""
-    n_images, seconds = run["n_images"], run["seconds"]
-    return {
-        "attncam_version": __version__,
-        "checkpoint": model.checkpoint,
-        "checkpoint_sha256": model.checkpoint_sha256,
-        "source": model.source,
-        "model": model.hparams,
-        "layer": module.explainer.layers,
-        "methods": module.explainer.names,
-        "method_specs": [{"key": k, "options": o} for k, o in run["specs"]],
-        "skipped_methods": run["skipped_methods"],
-        "protocol": module.protocol.to_dict(),
-        "metrics": run["metrics_cfg"],
-        "data": data.source,
-        "n_images": n_images,
-        "skipped_files": data.skipped,
-        "seed": int(cfg.get("seed", 0)),
-        "seconds": round(seconds, 2),
-        "images_per_second": round(n_images / max(seconds, 1e-9), 3),
-        "world_size": run["world_size"],
-        "baselines": run["plan"]["baselines"],
-        "identical_by_construction": module.explainer.equivalent_groups,
-        "controls": [{"key": k, "options": o} for k, o in run["plan"]["controls"]],
-        "layers": run["plan"]["layers"],
-        "image_ids_file": "image_ids.json",
-        "git": design.git_state(),
-        "versions": library_versions(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "files": [str(p.relative_to(run["out"])) for p in run["files"]],
-    }
-
-
 def _write_outputs(
     cfg: DictConfig, out: Path, model: ModelInfo, data: DataInfo, module: ExplainModule,
     run: dict[str, Any],
@@ -215,11 +183,12 @@ def _write_outputs(
     sanity_cfg = metrics_cfg.get("sanity") or {}
     if sanity_cfg.get("enabled"):
         common = {k: metrics_cfg[k] for k in ("num_resamples", "confidence") if k in metrics_cfg}
-        sanity = sanity_check(
+        sanity, cascade = sanity_check(
             model.net, run["specs"], run["layer"], data.dataset,
             getattr(data.dataset, "collate_fn", None), sanity_cfg, common,
         )  # fmt: skip
         files.append(write_json_atomic(out / "sanity.json", sanity))
+        files.append(sanity_figure(sanity, cascade, out / "figures" / "sanity.png"))
         log.info("sanity check (cascading randomisation) written to %s", out / "sanity.json")
     class_names = data.class_names or model.class_names
     files += write_figures(out, module, results, class_names, int(cfg.get("top", 5)))
@@ -279,7 +248,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "compare": compare,
     }  # fmt: skip
     state["files"] = _write_outputs(cfg, out, model, data, module, state)
-    manifest = _manifest(cfg, model, data, module, state)
+    manifest = build_manifest(cfg, model, data, module, state)
     write_json_atomic(out / "manifest.json", manifest)
     log_wandb(loggers, results, state["files"])
     write_text_atomic(out / "COMPLETE", json.dumps({"files": manifest["files"]}) + "\n")

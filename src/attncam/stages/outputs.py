@@ -15,12 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from attncam import __version__
 from attncam.explain.naming import slug
 from attncam.io import save_npz_atomic, write_json_atomic, write_text_atomic
+from attncam.runtime import library_versions
+from attncam.stages.design import git_state
 
 if TYPE_CHECKING:
     from attncam.stages.explain_module import ExplainModule
+    from attncam.stages.inputs import DataInfo, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +157,51 @@ def write_tables(
     return [out / "metrics.json", out / "metrics.csv", out / "metrics.md"]
 
 
-def _row_title(rec: Mapping[str, Any], names: list[str] | None, top: int) -> str:
-    def name(i: int) -> str:
-        return names[i] if names and 0 <= i < len(names) else str(i)
+def _class_name(i: int, names: list[str] | None) -> str:
+    return names[i] if names and 0 <= i < len(names) else str(i)
 
-    lines = [f"{name(c)} {p:.2f}" for c, p in rec["top5"][:top]]
+
+def _row_title(rec: Mapping[str, Any], names: list[str] | None, top: int) -> str:
+    lines = [f"{_class_name(c, names)} {p:.2f}" for c, p in rec["top5"][:top]]
+    if rec["target"] != rec["predicted"]:
+        lines.append(f"explains: {_class_name(rec['target'], names)}")
     if rec["label"] >= 0:
-        lines.append(f"(true: {name(rec['label'])})")
+        lines.append(f"(true: {_class_name(rec['label'], names)})")
     return "\n".join(lines)
+
+
+def _explained(rec: Mapping[str, Any], names: list[str] | None) -> str:
+    """Which class a map explains, its probability and the true class, for one image."""
+    target = rec["target"]
+    text = f"explains: {_class_name(target, names)} (class {target})"
+    probs = dict(rec["top5"])
+    if target in probs:
+        text += f", p = {probs[target]:.2f}"
+    if rec["label"] >= 0:
+        text += f"; true: {_class_name(rec['label'], names)}"
+    return text
+
+
+def _grid_figures(
+    out: Path, module: ExplainModule, names: list[str] | None, top: int
+) -> list[Path]:
+    """The grid (split into files of at most 6 methods) and one overlay per image and method."""
+    from attncam.viz import explanation_grid, per_image_overlays
+
+    rows = module.rows
+    if not rows.images:
+        return []
+    images, stacked = torch.stack(rows.images), torch.stack(rows.masks)
+    masks = stacked if stacked.any() else None
+    maps = {n: torch.stack(v) for n, v in rows.maps.items()}
+    titles = [_row_title(r, names, top) for r in rows.records]
+    paths = explanation_grid(images, maps, out / "figures" / "grid.png", row_titles=titles,
+                             masks=masks)  # fmt: skip
+    paths += per_image_overlays(
+        images, maps, out / "figures" / "per_image", [r["id"] for r in rows.records],
+        titles=[_explained(r, names) for r in rows.records], masks=masks,
+    )  # fmt: skip
+    return paths
 
 
 def write_figures(
@@ -169,22 +211,10 @@ def write_figures(
     class_names: list[str] | None,
     top: int,
 ) -> list[Path]:
-    """Figure grid, deletion/insertion curves and the metric bar chart."""
-    from attncam.viz import curves_plot, explanation_grid, metric_bars
+    """Figure grid, per-image overlays, deletion/insertion curves and the metric bar chart."""
+    from attncam.viz import curves_plot, metric_bars
 
-    paths = []
-    rows = module.rows
-    if rows.images:
-        masks = torch.stack(rows.masks)
-        paths.append(
-            explanation_grid(
-                torch.stack(rows.images),
-                {n: torch.stack(v) for n, v in rows.maps.items()},
-                out / "figures" / "grid.png",
-                row_titles=[_row_title(r, class_names, top) for r in rows.records],
-                masks=masks if masks.any() else None,
-            )
-        )
+    paths = _grid_figures(out, module, class_names, top)
     if module.curves:
         aucs = {
             n: (
@@ -315,3 +345,39 @@ def write_comparison(
         write_json_atomic(out / "comparison.json", [r.to_dict() for r in rows]),
         write_text_atomic(out / "comparison.md", text),
     ]
+
+
+def build_manifest(
+    cfg: DictConfig, model: ModelInfo, data: DataInfo, module: ExplainModule, run: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What was explained, how, with which software, in how long."""
+    n_images, seconds = run["n_images"], run["seconds"]
+    return {
+        "attncam_version": __version__,
+        "checkpoint": model.checkpoint,
+        "checkpoint_sha256": model.checkpoint_sha256,
+        "source": model.source,
+        "model": model.hparams,
+        "layer": module.explainer.layers,
+        "methods": module.explainer.names,
+        "method_specs": [{"key": k, "options": o} for k, o in run["specs"]],
+        "skipped_methods": run["skipped_methods"],
+        "protocol": module.protocol.to_dict(),
+        "metrics": run["metrics_cfg"],
+        "data": data.source,
+        "n_images": n_images,
+        "skipped_files": data.skipped,
+        "seed": int(cfg.get("seed", 0)),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(n_images / max(seconds, 1e-9), 3),
+        "world_size": run["world_size"],
+        "baselines": run["plan"]["baselines"],
+        "identical_by_construction": module.explainer.equivalent_groups,
+        "controls": [{"key": k, "options": o} for k, o in run["plan"]["controls"]],
+        "layers": run["plan"]["layers"],
+        "image_ids_file": "image_ids.json",
+        "git": git_state(),
+        "versions": library_versions(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "files": [str(p.relative_to(run["out"])) for p in run["files"]],
+    }

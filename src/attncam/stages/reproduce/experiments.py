@@ -502,8 +502,9 @@ def _sanity_figures(
     block, half the network and everything."""
     cols = {f"{m}\ntrained": v for m, v in original.items()}
     explanation_grid(
-        images, cols, figures / "guided_gradcam.png", masks=masks if masks.any() else None
-    )
+        images, cols, figures / "guided_gradcam.png", masks=masks if masks.any() else None,
+        max_columns=len(cols),
+    )  # fmt: skip
     steps = [(0, "top"), (len(groups) // 2, "half"), (len(groups) - 1, "all")]
     cols = {}
     for m in ("gradcam", "guided_backprop"):
@@ -512,9 +513,10 @@ def _sanity_figures(
         cols[f"{m}\ntrained"] = original[m]
         for j, label in steps:
             cols[f"{m}\nrandom: {label} ({groups[j]})"[:60]] = after[m][groups[j]]
-    explanation_grid(
-        images[:4], {k: v[:4] for k, v in cols.items()}, figures / "sanity_cascade.png"
-    )
+    explanation_grid(  # one file: the trained map beside its randomised versions
+        images[:4], {k: v[:4] for k, v in cols.items()}, figures / "sanity_cascade.png",
+        max_columns=len(cols),
+    )  # fmt: skip
     return ["guided_gradcam.png", "sanity_cascade.png"]
 
 
