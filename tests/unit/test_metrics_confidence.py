@@ -17,6 +17,7 @@ from attncam.metrics import (
     Protocol,
     WinPercentage,
 )
+from attncam.metrics import functional as MF
 from tests.unit.test_metrics_helpers import BoxModel, CountingModel, PixelModel, TinyNet
 
 
@@ -142,6 +143,9 @@ def test_protocol_validation_and_round_trip() -> None:
     d = p.to_dict()
     assert d["percentages"] == [5.0, 10.0] and d["steps"] == 7
     assert Protocol.from_dict(d) == p
+    assert d["temperature"] is None and d["insertion_baseline"] == "blur"  # the defaults
+    noisy = Protocol(insertion_baseline="noise", seed=3)
+    assert Protocol.from_dict(noisy.to_dict()) == noisy
     with pytest.raises(
         ValueError, match="unknown mask_space 'image'; choose one of: pixel, normalized"
     ):
@@ -305,3 +309,58 @@ def test_optimized_inference_copy_agrees_and_tracks_weight_updates() -> None:
     assert torch.allclose(
         plain.base_scores(images).logits, fast.base_scores(images).logits, atol=1e-5
     )
+
+
+def _tied_maps() -> Tensor:
+    m = torch.zeros(3, 4, 4)
+    m[0, 0, 0] = 1.0  # one top pixel, then five tied at 0.5, then ten at 0
+    m[0, 1, :] = 0.5
+    m[0, 2, 0] = 0.5
+    m[1] = torch.arange(16).float().view(4, 4) / 15  # distinct values
+    m[2] = float("nan")
+    return m
+
+
+def test_kept_fraction_counts_ties_at_the_threshold() -> None:
+    # logit 0 = the share of the 16 pixels left on an all-ones image: the binary
+    # Percentage-in score *is* the fraction of pixels the engine actually kept.
+    model = BoxModel((0, 4, 0, 4), scale=1 / 48)
+    pcts = (5, 25, 50, 100)
+    eng = Perturber(model, Protocol(score="logit", percentages=pcts))
+    m = _tied_maps()
+    table = eng.confidence_table(torch.ones(3, 3, 4, 4), {"m": m})
+    kept = table.kept_fraction["m"]
+    # p=25: the 4th largest value is 0.5, and all six pixels >= 0.5 are kept, not four;
+    # p=50: the 8th largest is 0, so every pixel is kept.
+    want = torch.tensor([[1, 6, 16, 16], [1, 4, 8, 16]]) / 16
+    assert torch.equal(kept[:2], want) and torch.isnan(kept[2]).all()
+    assert torch.allclose(kept[:2], table.percentage_in["m"][:2], atol=1e-6)
+    for j, p in enumerate(pcts):
+        thr = MF.top_percent_threshold(m[:2], p)
+        assert torch.equal(kept[:2, j], (m[:2] >= thr[:, None, None]).float().mean((1, 2)))
+
+
+def test_percentage_in_reports_kept_fraction_beside_each_level() -> None:
+    model = BoxModel((0, 4, 0, 4), scale=1 / 48)
+    pcts = (5, 25, 50, 100)
+    eng = Perturber(model, Protocol(score="logit", percentages=pcts))
+    images = torch.ones(3, 3, 4, 4)
+    table = eng.confidence_table(images, {"m": _tied_maps()})
+    metric = PercentageIn(pcts)
+    base = eng.base_scores(images).scores
+    metric.update(base, table.percentage_in["m"], kept=table.kept_fraction["m"])
+    r = metric.compute()
+    assert list(r) == [f"percentage_in@{p}" for p in pcts] + [f"kept_fraction@{p}" for p in pcts]
+    assert r["kept_fraction@25"].value == pytest.approx((37.5 + 25.0) / 2)
+    assert r["kept_fraction@25"].n == r["percentage_in@25"].n == 2
+    assert r["kept_fraction@25"].skipped == {"non_finite": 1}  # the NaN map, counted once
+    assert r["kept_fraction@5"].value == pytest.approx(100 / 16)
+    per = metric.per_image()
+    assert per["kept_fraction@25"] == {0: 37.5, 1: 25.0} and set(per) == set(r)
+    with pytest.raises(ValueError, match="passed to some updates of PercentageIn but not"):
+        metric.update(base, table.percentage_in["m"])
+    with pytest.raises(ValueError, match=r"kept must have the shape of scores \(3, 4\)"):
+        metric.update(base, table.percentage_in["m"], kept=table.kept_fraction["m"][:, :2])
+    metric.reset()
+    metric.update(base, table.percentage_in["m"])  # without kept: the old columns only
+    assert list(metric.compute()) == [f"percentage_in@{p}" for p in pcts]

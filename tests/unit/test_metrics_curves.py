@@ -126,3 +126,78 @@ def test_occlusion_faithfulness_of_perfect_map_is_high() -> None:
     m.update(torch.zeros(1, 16, 16), occ[:1])  # constant map: correlation undefined -> skipped
     r = m.compute()
     assert r.value == pytest.approx(1.0) and r.n == 2 and r.skipped == {"non_finite": 1}
+
+
+def _insertion_setup() -> tuple[BoxModel, torch.Tensor, dict[str, torch.Tensor]]:
+    model = BoxModel((4, 12, 4, 12), scale=1 / 192)  # logit 0: sum over the 64-pixel box / 192
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, 16, 16, generator=g)
+    maps = {"box": model.box_mask(3, 16, 16).float(), "rand": random_maps(3, 16, 16, seed=2)}
+    return model, images, maps
+
+
+def _box_logit(x: torch.Tensor) -> torch.Tensor:
+    return x[:, :, 4:12, 4:12].sum((1, 2, 3)) / 192
+
+
+def _insertion_by_hand(images: torch.Tensor, start: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The insertion curve built pixel by pixel: the top-k ranked pixels of I over ``start``."""
+    ranks = MF.saliency_ranks(m).view(-1, 1, 16, 16)
+    counts = MF.perturbation_counts(256, 4)
+    return torch.stack([_box_logit(torch.where(ranks < k, images, start)) for k in counts], 1)
+
+
+def test_insertion_from_mean_colour_starts_at_the_mean_image_score() -> None:
+    model, images, maps = _insertion_setup()
+    eng = Perturber(model, Protocol(score="logit", steps=4, insertion_baseline="mean"))
+    curves = eng.deletion_insertion(images, maps)
+    mean_image = images.mean((2, 3), keepdim=True).expand_as(images)
+    want_start = images.mean((2, 3)).sum(1) * 64 / 192  # the box at the mean colour
+    for name, c in curves.items():
+        assert torch.allclose(c.insertion_start, want_start, atol=1e-6)
+        assert torch.equal(c.insertion_start, c.insertion[:, 0])
+        want = _insertion_by_hand(images, mean_image, maps[name])
+        assert torch.allclose(c.insertion, want, atol=1e-5)
+    blur = Perturber(model, Protocol(score="logit", steps=4)).deletion_insertion(images, maps)
+    for name, c in curves.items():  # deletion does not depend on the insertion baseline
+        assert torch.equal(c.deletion, blur[name].deletion)
+        assert not torch.allclose(c.insertion_start, blur[name].insertion_start)
+    # the mean colour is taken in pixel space whatever the mask space
+    norm = Perturber(
+        model, Protocol(score="logit", insertion_baseline="mean", mask_space="normalized")
+    )
+    assert torch.allclose(norm.insertion_start_images(images), mean_image)
+
+
+def test_insertion_from_seeded_noise_is_one_image_for_every_input() -> None:
+    model, images, maps = _insertion_setup()
+    eng = Perturber(model, Protocol(score="logit", steps=4, insertion_baseline="noise", seed=7))
+    curves = eng.deletion_insertion(images, maps)
+    noise = torch.rand((1, 3, 16, 16), generator=torch.Generator().manual_seed(7))
+    for name, c in curves.items():
+        assert torch.allclose(c.insertion_start, _box_logit(noise).expand(3), atol=1e-6)
+        want = _insertion_by_hand(images, noise.expand_as(images), maps[name])
+        assert torch.allclose(c.insertion, want, atol=1e-5)
+    # the same noise for a sub-batch (no dependence on batch composition) and on a second call
+    part = eng.deletion_insertion(images[1:], {n: m[1:] for n, m in maps.items()})
+    assert torch.equal(part["rand"].insertion, curves["rand"].insertion[1:])
+    other = Perturber(model, Protocol(score="logit", steps=4, insertion_baseline="noise", seed=8))
+    assert not torch.allclose(other.insertion_start_images(images), noise.expand_as(images))
+    with pytest.raises(ValueError, match="unknown insertion_baseline 'gray'; choose one of: blur"):
+        Protocol(insertion_baseline="gray")
+
+
+@pytest.mark.parametrize("baseline", ["blur", "mean", "noise"])
+def test_insertion_baseline_costs_one_forward_per_image(baseline: str) -> None:
+    model = CountingModel(BoxModel((2, 6, 2, 6)))
+    b, steps = 3, 5
+    images = torch.rand(b, 3, 10, 10)
+    eng = Perturber(model, Protocol(steps=steps, insertion_baseline=baseline))
+    base = eng.base_scores(images)
+    model.images = 0
+    eng.deletion_insertion(images, {"a": torch.rand(b, 10, 10)}, base=base)
+    assert model.images == 1 + b + 2 * (steps - 1) * b
+    kernel0 = Perturber(model, Protocol(steps=steps, blur_kernel=0))
+    model.images = 0
+    kernel0.deletion_insertion(images, {"a": torch.rand(b, 10, 10)}, base=base)
+    assert model.images == 1 + 2 * (steps - 1) * b  # the deletion baseline's score is reused

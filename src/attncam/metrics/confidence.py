@@ -154,6 +154,12 @@ class PercentageIn(PerImageMetric):
     Variants ``binary`` (``E = B_p * I``) and ``soft`` (``E = B_p * L * I``) report
     ``100/N sum 1[O > Y]``; ``gain`` (``E = B_p * I``) reports ``100/N sum max(0, O - Y) / Y``.
 
+    When the updates pass ``kept`` (``ConfidenceTable.kept_fraction``), the metric also reports
+    ``kept_fraction@p``: the mean share of pixels ``B_p`` actually kept, in percent, over the same
+    images as ``percentage_in@p`` (ties at the threshold are kept, so a map with large flat
+    regions keeps more than ``p`` %; docs/METHODS.md, Percentage-in). Either every update passes
+    ``kept`` or none does.
+
     Args:
         percentages: Levels ``p``, matching the columns of the scores.
         variant: ``binary``, ``soft`` or ``gain`` (recorded; ``gain`` changes the statistic).
@@ -180,9 +186,39 @@ class PercentageIn(PerImageMetric):
         self.percentages = tuple(float(p) for p in percentages)
         self.variant = variant
         self._add_values("values")
+        self._add_values("kept")
+        self._with_kept: bool | None = None  # set by the first update
+
+    def reset(self) -> None:
+        """Clear every state; the next update decides again whether ``kept`` is reported."""
+        super().reset()
+        self._with_kept = None
+
+    def _check_kept(self, kept: Tensor | None, scores: Tensor) -> Tensor:
+        """``(B,)`` True where ``kept`` is finite (all True without ``kept``); checks its use."""
+        if self._with_kept is None:
+            self._with_kept = kept is not None
+        elif self._with_kept != (kept is not None):
+            raise ValueError(
+                "kept was passed to some updates of PercentageIn but not to others; pass "
+                "ConfidenceTable.kept_fraction to every update or to none"
+            )
+        if kept is None:
+            return torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+        if kept.shape != scores.shape:
+            raise ValueError(
+                f"kept must have the shape of scores {tuple(scores.shape)}; got {tuple(kept.shape)}"
+            )
+        return MF.check_scores(kept, scores.shape[0], "kept")
 
     def update(
-        self, base: Tensor, scores: Tensor, keep: Tensor | None = None, *, ids: Tensor | None = None
+        self,
+        base: Tensor,
+        scores: Tensor,
+        keep: Tensor | None = None,
+        *,
+        ids: Tensor | None = None,
+        kept: Tensor | None = None,
     ) -> None:
         """Add a batch.
 
@@ -191,6 +227,8 @@ class PercentageIn(PerImageMetric):
             scores: ``O`` on the top-p% images, shape ``(B, P)``.
             keep: ``(B,)`` bool, False for excluded images.
             ids: ``(B,)`` image ids; default the metric's running image counter.
+            kept: ``(B, P)`` fraction of pixels each ``B_p`` keeps, in [0, 1]
+                (``ConfidenceTable.kept_fraction[method]``); reported as ``kept_fraction@p``.
         """
         finite = MF.check_scores(base, name="base") & MF.check_scores(
             scores, base.shape[0], "scores"
@@ -200,6 +238,7 @@ class PercentageIn(PerImageMetric):
                 f"scores must have shape (B, {len(self.percentages)}) for "
                 f"percentages {self.percentages}; got {tuple(scores.shape)}"
             )
+        finite = finite & self._check_kept(kept, scores)
         checks = [("excluded", keep_mask(keep, base)), ("non_finite", finite)]
         if self.variant == "gain":
             checks.append(("non_positive_base", torch.nan_to_num(base, nan=1.0) > 0))
@@ -209,12 +248,21 @@ class PercentageIn(PerImageMetric):
             per_image = MF.confidence_gain(y, o)
         else:
             per_image = MF.increase_in_confidence(y, o)
-        self._append_valid(ids, valid, values=per_image)
+        if kept is None:
+            self._append_valid(ids, valid, values=per_image)
+        else:
+            self._append_valid(ids, valid, values=per_image, kept=100.0 * kept[valid].float())
 
     def _columns(self) -> dict[str, Tensor]:
-        values = self.values().reshape(-1, len(self.percentages))
-        return {f"percentage_in@{p:g}": values[:, j] for j, p in enumerate(self.percentages)}
+        n_p = len(self.percentages)
+        values = self.values().reshape(-1, n_p)
+        out = {f"percentage_in@{p:g}": values[:, j] for j, p in enumerate(self.percentages)}
+        if self._with_kept:
+            kept = self.values("kept").reshape(-1, n_p)
+            out.update({f"kept_fraction@{p:g}": kept[:, j] for j, p in enumerate(self.percentages)})
+        return out
 
     def compute(self) -> dict[str, MetricResult]:
-        """``{"percentage_in@5": MetricResult, ...}``, one entry per level."""
+        """``{"percentage_in@5": MetricResult, ...}``, one entry per level, then (when the
+        updates passed ``kept``) ``{"kept_fraction@5": MetricResult, ...}`` in percent."""
         return self._summaries()

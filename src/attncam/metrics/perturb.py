@@ -9,8 +9,14 @@ Forward passes per image (``M`` methods, ``P`` Percentage-in levels, ``S`` curve
     - ``base_scores``: 1 (``Y``, shared by every method and metric);
     - ``confidence_table``: ``M * (1 + P)`` (``O`` and Percentage-in), so the paper's table with
       5 methods and 5 levels costs ``1 + 5 * 6``;
-    - ``deletion_insertion``: ``1`` (blurred copy) ``+ M * 2 * (S - 1)`` plus one forward per call
-      for the all-deleted image, which is the same constant image for every input.
+    - ``deletion_insertion``: ``1`` (the insertion baseline: blurred copy, mean colour or noise)
+      ``+ M * 2 * (S - 1)`` plus one forward per call for the all-deleted image, which is the
+      same constant image for every input.
+
+Every score is the protocol's ``score`` of the target class: the softmax probability, the logit,
+or with ``score="calibrated"`` the probability of ``softmax(z / T)`` (temperature scaling, Guo et
+al. 2017; ``T`` fitted by ``attncam.metrics.calibration``), for ``Y``, ``O``, Percentage-in,
+deletion/insertion, ROAD and occlusion alike.
 
 The model maps pixel-space images ``(B, 3, H, W)`` in [0, 1] to logits ``(B, C)`` and normalises
 internally. With ``mask_space="normalized"`` masking acts on ``(I - mean) / std`` (as torchcam
@@ -73,12 +79,15 @@ class ConfidenceTable:
         masked: ``O`` per method, ``(B,)`` each (NaN where the method's map was not finite).
         percentage_in: Per method, ``(B, P)`` scores on the top-p% images.
         percentages: The levels ``p``.
+        kept_fraction: Per method, ``(B, P)``: the fraction of pixels ``B_p`` actually keeps
+            (``L >=`` the threshold, ties included), in [0, 1]; NaN where the map was not finite.
     """
 
     base: BaseScores
     masked: dict[str, Tensor]
     percentage_in: dict[str, Tensor]
     percentages: tuple[float, ...]
+    kept_fraction: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +103,11 @@ class Curves:
     fractions: Tensor
     deletion: Tensor
     insertion: Tensor
+
+    @property
+    def insertion_start(self) -> Tensor:
+        """``(B,)`` score of each image's insertion baseline (the insertion curve at 0)."""
+        return self.insertion[:, 0]
 
 
 @dataclass
@@ -158,6 +172,12 @@ class Perturber:
         self.std = tuple(std or getattr(model, "input_std", IMAGENET_STD))
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean/std must be 3 values with std > 0; got {self.mean}, {self.std}")
+        if self.protocol.needs_temperature:
+            raise ValueError(
+                "score='calibrated' needs a temperature: fit one on held-out data with "
+                "attncam.metrics.calibration.calibrate(logits, labels) and pass "
+                "protocol.with_temperature(T)"
+            )
         self.optimize = bool(optimize) and isinstance(model, nn.Module)
         self.images_forwarded = 0
         self._fast: nn.Module | None = None
@@ -209,6 +229,23 @@ class Perturber:
             x = x.contiguous(memory_format=torch.channels_last)
         return model(x)
 
+    def scores(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The protocol's score of each target class.
+
+        Args:
+            logits: ``(B, C)`` model outputs.
+            targets: ``(B,)`` long target classes.
+
+        Returns:
+            ``(B,)`` float32: ``softmax`` probabilities, ``logit`` values, or ``calibrated``
+            probabilities of ``softmax(logits / T)`` (Guo et al. 2017, sec. 4.2).
+        """
+        p = self.protocol
+        if p.score == "calibrated":
+            assert p.temperature is not None  # checked in __init__
+            return MF.select_scores(logits.float() / p.temperature, targets, "softmax")
+        return MF.select_scores(logits, targets, p.score)
+
     def _run(self, jobs: _Jobs) -> Tensor:
         """Score a stream of perturbed images in chunks; returns ``(J,)`` scores."""
         n = int(jobs.targets.shape[0])
@@ -217,7 +254,7 @@ class Perturber:
             for start in range(0, n, self.chunk_size):
                 stop = min(n, start + self.chunk_size)
                 logits = self._forward(jobs.build(start, stop))
-                out.append(MF.select_scores(logits, jobs.targets[start:stop], self.protocol.score))
+                out.append(self.scores(logits, jobs.targets[start:stop]))
         if not out:
             return torch.empty(0, device=jobs.targets.device)
         return torch.cat(out).clone()
@@ -316,7 +353,7 @@ class Perturber:
             if labels is None:
                 raise ValueError("only_correct=True needs labels; got labels=None")
             keep = predicted == labels.to(predicted.device)
-        scores = MF.select_scores(logits, targets, p.score)
+        scores = self.scores(logits, targets)
         return BaseScores(scores, targets, keep, predicted, logits)
 
     def _base(self, images: Tensor, base: BaseScores | None, labels: Tensor | None) -> BaseScores:
@@ -353,7 +390,8 @@ class Perturber:
             variant: ``binary``, ``soft`` or ``gain``; default the protocol's.
 
         Returns:
-            ``ConfidenceTable``; scores are NaN where a map was not finite (no forward spent).
+            ``ConfidenceTable``, with the fraction of pixels each ``B_p`` keeps; scores (and kept
+            fractions) are NaN where a map was not finite (no forward spent).
         """
         self._check_images(images)
         methods = self._as_methods(maps)
@@ -364,6 +402,8 @@ class Perturber:
         per = 1 + len(pcts)
 
         # Pairs (method, image) with finite maps; each expands into `per` jobs: E, then each B_p.
+        b = images.shape[0]
+        kept = {n: images.new_full((b, len(pcts)), float("nan")) for n in methods}
         maps_l, img_l, thr_l, key_l = [], [], [], []
         for name, m in methods.items():
             ii = self._check_maps(images, m, f"maps['{name}']").nonzero().flatten()
@@ -372,16 +412,17 @@ class Perturber:
             maps_l.append(m[ii])
             img_l.append(ii)
             thr = [MF.top_percent_threshold(m[ii], p) for p in pcts]
+            for j, t in enumerate(thr):  # the share of pixels B_p keeps (ties included)
+                kept[name][ii, j] = (m[ii] >= t[:, None, None]).to(kept[name].dtype).mean((1, 2))
             # level 0 is E = L * I itself: threshold -inf keeps every pixel.
             thr_l.append(
                 torch.stack([torch.full_like(ii, 0, dtype=m.dtype) - float("inf"), *thr], 1)
             )
             key_l += [(name, i) for i in ii.tolist()]
-        b = images.shape[0]
         masked = {n: images.new_full((b,), float("nan")) for n in methods}
         pin = {n: images.new_full((b, len(pcts)), float("nan")) for n in methods}
         if not key_l:
-            return ConfidenceTable(base, masked, pin, pcts)
+            return ConfidenceTable(base, masked, pin, pcts, kept)
         pair_maps = torch.cat(maps_l)  # (Q, H, W)
         pair_img = torch.cat(img_l)  # (Q,)
         pair_thr = torch.cat(thr_l)  # (Q, per)
@@ -400,7 +441,7 @@ class Perturber:
         for row, (name, i) in enumerate(key_l):
             masked[name][i] = scores[row, 0]
             pin[name][i] = scores[row, 1:]
-        return ConfidenceTable(base, masked, pin, pcts)
+        return ConfidenceTable(base, masked, pin, pcts, kept)
 
     def masked_scores(
         self,
@@ -435,7 +476,33 @@ class Perturber:
         zero = self.from_mask_space(torch.zeros_like(images[:1]))
         with self._calling():
             logits = self._forward(zero).clone()
-        return MF.select_scores(logits.expand(targets.shape[0], -1), targets, self.protocol.score)
+        return self.scores(logits.expand(targets.shape[0], -1), targets)
+
+    def insertion_start_images(self, images: Tensor) -> Tensor:
+        """The images insertion starts from (protocol ``insertion_baseline``), in pixel space.
+
+        ``blur``: ``gaussian_blur(I, blur_kernel, blur_sigma)`` (Petsiuk et al. 2018, sec. 4.1),
+        or the deletion baseline (0 in the mask space) when ``blur_kernel=0``; ``mean``: every
+        pixel the image's per-channel mean colour (pixel space); ``noise``: one ``U[0, 1]``
+        pixel-space image ``(1, 3, H, W)`` drawn on the CPU from a generator seeded with
+        ``protocol.seed`` (the same image for every input, batch and device), broadcast.
+
+        Args:
+            images: ``(B, 3, H, W)`` in [0, 1].
+
+        Returns:
+            ``(B, 3, H, W)`` (an expanded view for ``mean`` and ``noise``).
+        """
+        p = self.protocol
+        if p.insertion_baseline == "mean":
+            return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+        if p.insertion_baseline == "noise":
+            gen = torch.Generator().manual_seed(p.seed)
+            noise = torch.rand((1, *images.shape[1:]), generator=gen, dtype=torch.float32)
+            return noise.to(device=images.device, dtype=images.dtype).expand_as(images)
+        if p.blur_kernel > 0:
+            return MF.gaussian_blur(images, p.blur_kernel, p.blur_sigma)
+        return self.from_mask_space(torch.zeros_like(images))
 
     def deletion_insertion(
         self,
@@ -448,11 +515,13 @@ class Perturber:
         """Deletion and insertion curves (Petsiuk et al. 2018, sec. 4.1) for every method.
 
         Deletion sets pixels to 0 in the mask space, most salient first; insertion copies pixels of
-        ``I`` into a Gaussian-blurred copy (protocol ``blur_kernel``, ``blur_sigma``; kernel 0
-        inserts into the deletion baseline). The first deletion and last insertion points are
-        ``Y``; the all-deleted image is the same constant image for every input (one forward per
-        call); the blurred copy does not depend on the map (one forward per image, shared by all
-        methods).
+        ``I`` into the protocol's ``insertion_baseline`` (``insertion_start_images``: a
+        Gaussian-blurred copy by default, kernel 0 inserting into the deletion baseline; or the
+        mean colour, or seeded noise). The first deletion and last insertion points are ``Y``;
+        the first insertion point is the baseline's score (``Curves.insertion_start``). The
+        all-deleted image is the same constant image for every input (one forward per call); the
+        insertion baseline does not depend on the map (one forward per image, shared by all
+        methods; none when it is the deletion baseline).
 
         Args:
             images: ``(B, 3, H, W)`` in [0, 1].
@@ -475,17 +544,14 @@ class Perturber:
         interior = counts[1:-1]
         y = base.scores.to(torch.float32)
         deleted = self._constant_baseline_scores(images, base.targets)
-        use_blur = p.blur_kernel > 0
-        if use_blur:
-            blurred = MF.gaussian_blur(images, p.blur_kernel, p.blur_sigma)
-        else:
-            blurred = self.from_mask_space(torch.zeros_like(images))
+        start = self.insertion_start_images(images)
 
         finites = {n: self._check_maps(images, m, f"maps['{n}']") for n, m in methods.items()}
         any_finite = torch.stack(list(finites.values())).any(dim=0)
-        start_ins = deleted.clone()
-        if use_blur:
-            start_ins = self._scores_of_images(blurred, base.targets, any_finite)
+        if p.insertion_baseline == "blur" and p.blur_kernel == 0:  # the deletion baseline
+            start_ins = deleted.clone()
+        else:
+            start_ins = self._scores_of_images(start, base.targets, any_finite)
 
         key_l, ranks, img_of = self._ranked_pairs(methods, finites)
         curves = {
@@ -502,7 +568,7 @@ class Perturber:
             c.insertion[i, 0], c.insertion[i, s] = start_ins[i], y[i]
         if key_l and interior:
             n_int = len(interior)
-            sc = self._interior_scores(images, blurred, base.targets, ranks, img_of, interior)
+            sc = self._interior_scores(images, start, base.targets, ranks, img_of, interior)
             for row, (name, i) in enumerate(key_l):
                 c = curves[name]
                 c.deletion[i, 1:s] = sc[row, :n_int]
@@ -536,7 +602,7 @@ class Perturber:
     def _interior_scores(
         self,
         images: Tensor,
-        blurred: Tensor,
+        start: Tensor,
         targets: Tensor,
         ranks: Tensor | None,
         img_of: Tensor | None,
@@ -546,7 +612,7 @@ class Perturber:
 
         Args:
             images: ``(B, 3, H, W)`` pixel images.
-            blurred: ``(B, 3, H, W)`` insertion start images (pixel space).
+            start: ``(B, 3, H, W)`` insertion start images (pixel space).
             targets: ``(B,)`` target classes.
             ranks: ``(Q, H*W)`` saliency ranks of each pair's map (0 = most salient).
             img_of: ``(Q,)`` image of each pair.
@@ -564,7 +630,7 @@ class Perturber:
         job_cnt = cnt.repeat(2 * ranks.shape[0])
         job_ins = (torch.arange(per, device=images.device) >= n_int).repeat(ranks.shape[0])
         flat_images = images.flatten(2)
-        flat_blur = blurred.flatten(2)
+        flat_start = start.flatten(2)
         zero_flat = self.from_mask_space(torch.zeros_like(images[:1])).flatten(2)
 
         def build(start: int, stop: int) -> Tensor:
@@ -575,7 +641,7 @@ class Perturber:
             src = flat_images[im]
             # deletion keeps the image where not yet removed; insertion where already inserted
             take_image = torch.where(ins, top, ~top)[:, None]
-            other = torch.where(ins[:, :, None], flat_blur[im], zero_flat.expand_as(src))
+            other = torch.where(ins[:, :, None], flat_start[im], zero_flat.expand_as(src))
             return torch.where(take_image, src, other).view(-1, 3, h, w)
 
         return self._run(_Jobs(targets[img_of[job_pair]], build)).view(-1, per)
