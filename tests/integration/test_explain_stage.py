@@ -312,3 +312,33 @@ def test_baselines_controls_subset_and_comparison(checkpoint: Path, tmp_path: Pa
         manifest["layers"]["per_method"]["gradcam"]["sizes"][0]
         == manifest["layers"]["sites"][manifest["layers"]["per_method"]["gradcam"]["layers"][0]]
     )
+
+
+def test_calibrated_scores_and_correct_only_localisation(checkpoint: Path, tmp_path: Path) -> None:
+    """score=calibrated fits T on the validation split; localisation skips misclassified images."""
+    out = tmp_path / "cal"
+    explain_stage.run(
+        _explain_cfg(
+            out,
+            [
+                f"ckpt={checkpoint}",
+                "method=[gradcam]",
+                "limit=16",
+                "batch_size=8",
+                "metrics.protocol.score=calibrated",
+                "metrics.protocol.insertion_baseline=mean",
+            ],
+        )  # fmt: skip
+    )
+    table = json.loads((out / "metrics.json").read_text())
+    cal = table["calibration"]
+    assert cal["n"] == 32 and cal["temperature"] > 0  # the small split's 32 validation images
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+    assert table["protocol"]["temperature"] == cal["temperature"]
+    row = table["methods"]["gradcam"]
+    assert "insertion_start" in row and "kept_fraction@5" in row
+    preds = json.loads((out / "predictions.json").read_text())
+    wrong = sum(p["predicted"] != p["label"] for p in preds)
+    pg = row["pointing_game"]
+    assert pg["skipped"].get("excluded", 0) == wrong  # misclassified: left out and counted
+    assert pg["n"] + sum(pg["skipped"].values()) == 16

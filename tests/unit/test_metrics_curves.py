@@ -201,3 +201,18 @@ def test_insertion_baseline_costs_one_forward_per_image(baseline: str) -> None:
     model.images = 0
     kernel0.deletion_insertion(images, {"a": torch.rand(b, 10, 10)}, base=base)
     assert model.images == 1 + 2 * (steps - 1) * b  # the deletion baseline's score is reused
+
+
+def test_deletion_insertion_reports_the_insertion_start() -> None:
+    model, images, maps = _insertion_setup()
+    for baseline in ("blur", "mean"):
+        eng = Perturber(model, Protocol(score="logit", steps=4, insertion_baseline=baseline))
+        c = eng.deletion_insertion(images, maps)["rand"]
+        m = DeletionInsertion()
+        m.update(c, ids=torch.tensor([5, 6, 7]))
+        r = m.compute()
+        assert list(r) == ["deletion", "insertion", "insertion_start"]
+        assert r["insertion_start"].value == pytest.approx(float(c.insertion_start.mean()))
+        assert r["insertion_start"].n == 3
+        want = dict(zip([5, 6, 7], c.insertion_start.tolist(), strict=True))
+        assert m.per_image()["insertion_start"] == pytest.approx(want)

@@ -84,7 +84,9 @@ def _by_hand(model: torch.nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
                 if key in ("average_drop", "increase_in_confidence"):
                     metric.update(base.scores, table.masked[n], base.keep)
                 elif key == "percentage_in":
-                    metric.update(base.scores, table.percentage_in[n], base.keep)
+                    metric.update(
+                        base.scores, table.percentage_in[n], base.keep, kept=table.kept_fraction[n]
+                    )
                 elif key == "deletion_insertion":
                     metric.update(curves[n], base.keep)
                 elif key == "road":

@@ -76,10 +76,17 @@ class DeletionInsertion(PerImageMetric):
         )
 
     def _columns(self) -> dict[str, Tensor]:
-        return {"deletion": self.values("deletion_auc"), "insertion": self.values("insertion_auc")}
+        ins = self.values("insertion_curve")
+        n = 1 if self.fractions is None else self.fractions.shape[0]
+        return {
+            "deletion": self.values("deletion_auc"),
+            "insertion": self.values("insertion_auc"),
+            "insertion_start": ins.reshape(-1, n)[:, 0],
+        }
 
     def compute(self) -> dict[str, MetricResult]:
-        """``{"deletion": MetricResult, "insertion": MetricResult}`` (AUCs)."""
+        """``{"deletion", "insertion", "insertion_start"}``: the AUCs and the mean score of the
+        insertion baseline (``Curves.insertion_start``, the insertion curve at 0)."""
         return self._summaries()
 
     def mean_curves(self) -> dict[str, Tensor]:

@@ -34,7 +34,13 @@ from attncam.metrics.confidence import (
     WinPercentage,
 )
 from attncam.metrics.curves import ROAD, DeletionInsertion, OcclusionFaithfulness
-from attncam.metrics.localization import BoxAccuracy, EnergyPointingGame, MaskIoU, PointingGame
+from attncam.metrics.localization import (
+    BoxAccuracy,
+    EnergyPointingGame,
+    MaskIoU,
+    PointingGame,
+    localisation_keep,
+)
 from attncam.metrics.perturb import BaseScores, Perturber
 from attncam.metrics.protocol import EvalProtocol
 from attncam.metrics.stats import DEFAULT_CONFIDENCE, DEFAULT_NUM_RESAMPLES, PerImageMetric
@@ -43,6 +49,7 @@ log = logging.getLogger(__name__)
 
 #: Per-metric settings a suite accepts (``conf/metrics/*.yaml`` top-level keys of the same name).
 SETTING_KEYS: tuple[str, ...] = (
+    "localisation_only_correct",
     "pointing_tolerance",
     "iou_threshold",
     "box_threshold",
@@ -88,6 +95,7 @@ class _Batch:
     names: list[str]
     occlusion_grid: tuple[int, int] | None
     scored: dict[str, Any] = field(default_factory=dict)
+    loc_keep: Tensor | None = None  # the localisation metrics' keep-mask (correct images only)
 
 
 def _confidence_table(engine: Perturber, b: _Batch) -> Any:
@@ -166,7 +174,9 @@ def _feed_masked(metric: Any, b: _Batch, n: str) -> None:
 
 def _feed_percentage_in(metric: Any, b: _Batch, n: str) -> None:
     table = b.scored["confidence"]
-    metric.update(b.base.scores, table.percentage_in[n], b.base.keep, ids=b.ids)
+    metric.update(
+        b.base.scores, table.percentage_in[n], b.base.keep, ids=b.ids, kept=table.kept_fraction[n]
+    )
 
 
 def _feed_curves(metric: Any, b: _Batch, n: str) -> None:
@@ -182,7 +192,8 @@ def _feed_occlusion(metric: Any, b: _Batch, n: str) -> None:
 
 
 def _feed_localisation(metric: Any, b: _Batch, n: str) -> None:
-    metric.update(b.maps[n], b.masks, b.base.keep, ids=b.ids)
+    keep = b.base.keep if b.loc_keep is None else b.loc_keep
+    metric.update(b.maps[n], b.masks, keep, ids=b.ids)
 
 
 def _occlusion_metric(
@@ -368,6 +379,7 @@ class MetricSuite(nn.Module):
         self.chunk_size = int(chunk_size)
         self.optimize_model = bool(optimize_model)
         settings = _check_settings(settings or {})
+        self.only_correct = bool(settings.pop("localisation_only_correct", True))
         common = {"num_resamples": num_resamples, "confidence": confidence, "seed": protocol.seed}
         self.method_metrics = nn.ModuleDict(
             {
@@ -465,6 +477,7 @@ class MetricSuite(nn.Module):
         masks: Tensor,
         base: BaseScores,
         ids: Tensor,
+        labels: Tensor | None = None,
     ) -> None:
         """Run the perturbations the enabled metrics need and update every metric.
 
@@ -474,6 +487,8 @@ class MetricSuite(nn.Module):
             masks: ``(B, H, W)`` bool ground truth (all False: no annotation).
             base: ``base_scores(images, labels)``.
             ids: ``(B,)`` integer image ids (e.g. dataset indices), the keys of ``per_image()``.
+            labels: ``(B,)`` ground truth; with ``localisation_only_correct`` (default true) the
+                localisation metrics leave misclassified images out (counted as ``excluded``).
 
         Raises:
             ValueError: On a missing method's maps or ids of the wrong shape.
@@ -488,6 +503,7 @@ class MetricSuite(nn.Module):
         unique = [n for n in self.names if n not in self.duplicates]
         distinct = {n: maps[n] for n in unique}
         batch = _Batch(images, distinct, masks, base, ids, unique, self.occlusion_grid)
+        batch.loc_keep = localisation_keep(base.keep, base.predicted, labels, self.only_correct)
         engine = self._engine()
         for name, compute in PERTURBATIONS.items():
             if name in self.needs:

@@ -22,6 +22,7 @@ from attncam.data.sampling import dataset_labels, stratified_subset
 from attncam.explain import Explainer
 from attncam.explain.hooks import capture
 from attncam.metrics.baselines import BASELINES, ORACLE
+from attncam.metrics.calibration import calibrate, collect_logits
 from attncam.runtime import eval_mode
 
 log = logging.getLogger(__name__)
@@ -181,3 +182,40 @@ def compare_settings(cfg: DictConfig) -> dict[str, Any] | None:
         "resamples": int(cfg.get("compare_resamples") or 20_000),
         "seed": int(cfg.get("seed", 0)),
     }
+
+
+def calibration(
+    net: nn.Module, datamodule: Any, metrics_cfg: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Fit the temperature of ``score=calibrated`` on the validation split (Guo et al. 2017).
+
+    Sets ``metrics_cfg["protocol"]["temperature"]`` in place and returns the fit (temperature,
+    ECE and NLL before and after, N), or None when the protocol needs no fit (another score, or
+    a temperature given by the user).
+
+    Raises:
+        ValueError: ``score=calibrated`` without a validation split (image files).
+    """
+    protocol = metrics_cfg.setdefault("protocol", {})
+    if protocol.get("score") != "calibrated" or protocol.get("temperature") is not None:
+        return None
+    if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+        raise ValueError(
+            "metrics.protocol.score=calibrated fits the temperature on the validation split: "
+            "pass data=NAME (or a checkpoint with its training data), or set "
+            "metrics.protocol.temperature=T"
+        )
+    datamodule.setup("fit")
+    logits, labels = collect_logits(net, datamodule.val_dataloader())
+    fit = calibrate(logits, labels)
+    protocol["temperature"] = fit.temperature
+    log.info(
+        "score=calibrated: T = %.3f on %d validation images (ECE %.3f -> %.3f, NLL %.3f -> %.3f)",
+        fit.temperature, fit.n, fit.ece_before, fit.ece_after, fit.nll_before, fit.nll_after,
+    )  # fmt: skip
+    if fit.temperature < 1:
+        log.warning(
+            "T = %.3f < 1: the model is under-confident on the validation split, so calibrated "
+            "scores are more saturated than the softmax, not less", fit.temperature,
+        )  # fmt: skip
+    return fit.to_dict()

@@ -176,6 +176,7 @@ def _write_outputs(
         "skipped_constant_channels": module.skipped_channels,
     }
     extra["baselines"] = run["plan"]["baselines"]
+    extra["calibration"] = run["plan"]["calibration"]
     extra["identical_by_construction"] = module.explainer.equivalent_groups
     extra["controls"] = [result_name(k, o) for k, o in run["plan"]["controls"]]
     files = write_tables(out, results, module.protocol.to_dict(), extra)
@@ -222,6 +223,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     metrics_cfg = OmegaConf.to_container(cfg.metrics, resolve=True)
     assert isinstance(metrics_cfg, dict)
     plan = design.plan(cfg, data.dataset, model.net, specs, layer, metrics_cfg)
+    plan["calibration"] = design.calibration(model.net, data.datamodule, metrics_cfg)
     specs = plan["specs"]
     loader = _loader(cfg, data, plan["ids"])
     module = ExplainModule(

@@ -185,12 +185,12 @@ class ExplainModule(L.LightningModule):
         if not torch.isfinite(images).all():
             bad = (~torch.isfinite(images.flatten(1))).any(1).nonzero().flatten().tolist()
             raise ValueError(f"images {bad} of batch {batch_idx} hold NaN or inf values")
-        has_labels = bool((labels >= 0).all())
-        base = self.suite.base_scores(images, labels if has_labels else None)
+        known = labels if bool((labels >= 0).all()) else None
+        base = self.suite.base_scores(images, known)
         exp = self.explainer.explain(images, base.targets)
         self._count_skipped_channels(exp.extras)
         maps = {**exp.maps, **baseline_maps(self.baselines, masks, ids, self.grid, self.seed)}
-        self.suite.update(images, maps, masks, base, ids)
+        self.suite.update(images, maps, masks, base, ids, labels=known)
         records = _records(labels, ids, base)
         self.records.extend(records)
         self.rows.add(images, masks, maps, records)

@@ -99,6 +99,7 @@ class DataInfo:
     source: str
     skipped: list[tuple[str, str]] = field(default_factory=list)
     paths: list[str] | None = None
+    datamodule: Any = None  # the data module of a data split (its validation split calibrates)
 
 
 def load_data(cfg: DictConfig, model: ModelInfo) -> DataInfo:
@@ -146,8 +147,9 @@ def load_data(cfg: DictConfig, model: ModelInfo) -> DataInfo:
         )
     skipped = [(p, "unreadable") for p in getattr(ds, "skipped_paths", [])]
     return DataInfo(
-        dataset=ds, class_names=names, source=f"{data_cfg._target_}:{split}", skipped=skipped
-    )
+        dataset=ds, class_names=names, source=f"{data_cfg._target_}:{split}", skipped=skipped,
+        datamodule=dm,
+    )  # fmt: skip
 
 
 def method_specs(cfg: DictConfig) -> list[tuple[str, dict[str, Any]]]:

@@ -39,7 +39,7 @@ MAIN_METRICS = (
     "insertion",
 )
 _ORDER = [
-    "average_drop", "increase_in_confidence", "percentage_in", "pointing_game",
+    "average_drop", "increase_in_confidence", "percentage_in", "kept_fraction", "pointing_game",
     "energy_pointing_game", "mask_iou", "box_accuracy", "deletion", "insertion", "morf", "lerf",
     "occlusion", "win_vs",
 ]  # fmt: skip
@@ -315,6 +315,7 @@ def write_comparison(
     from attncam.metrics.compare import (
         compare_methods,
         format_comparison_markdown,
+        paired,
         resolve_sesoi,
     )
 
@@ -333,13 +334,32 @@ def write_comparison(
             return False
         return True
 
+    def enough_pairs(metric: str) -> bool:
+        ref = per_image[reference][metric]
+        return all(
+            len(paired(row.get(metric, {}), ref).ids) >= 2
+            for name, row in per_image.items()
+            if name != reference
+        )
+
     metrics = [m for m in per_image[reference] if has_sesoi(m)]
+    too_few = [m for m in metrics if not enough_pairs(m)]
+    metrics = [m for m in metrics if m not in too_few]
+    if not metrics:
+        log.warning("no metric has 2 or more paired images per method: no comparison written")
+        return []
     rows = compare_methods(
         per_image, reference, metrics=metrics, primary=list(cfg.get("primary") or []),
         sesoi=sesoi, alpha=float(cfg.get("alpha", 0.05)),
         resamples=int(cfg.get("resamples", 20_000)), seed=int(cfg.get("seed", 0)),
     )  # fmt: skip
     text = format_comparison_markdown(rows)
+    if too_few:
+        text += (
+            "\nNot compared (fewer than 2 images paired by id for some method): "
+            + ", ".join(too_few)
+            + "\n"
+        )
     log.info("paired comparison against %s:\n%s", reference, text)
     return [
         write_json_atomic(out / "comparison.json", [r.to_dict() for r in rows]),
@@ -372,6 +392,7 @@ def build_manifest(
         "images_per_second": round(n_images / max(seconds, 1e-9), 3),
         "world_size": run["world_size"],
         "baselines": run["plan"]["baselines"],
+        "calibration": run["plan"]["calibration"],
         "identical_by_construction": module.explainer.equivalent_groups,
         "controls": [{"key": k, "options": o} for k, o in run["plan"]["controls"]],
         "layers": run["plan"]["layers"],
