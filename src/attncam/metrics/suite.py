@@ -37,8 +37,10 @@ from attncam.metrics.curves import ROAD, DeletionInsertion, OcclusionFaithfulnes
 from attncam.metrics.localization import (
     BoxAccuracy,
     EnergyPointingGame,
+    GridPointingGame,
     MaskIoU,
     PointingGame,
+    in_top_k,
     localisation_keep,
 )
 from attncam.metrics.perturb import BaseScores, Perturber
@@ -46,6 +48,9 @@ from attncam.metrics.protocol import EvalProtocol
 from attncam.metrics.stats import DEFAULT_CONFIDENCE, DEFAULT_NUM_RESAMPLES, PerImageMetric
 
 log = logging.getLogger(__name__)
+
+#: Grid pointing game: only grid-class pairs whose class the model ranks in its top 4 count.
+GRID_TOP_K = 4
 
 #: Per-metric settings a suite accepts (``conf/metrics/*.yaml`` top-level keys of the same name).
 SETTING_KEYS: tuple[str, ...] = (
@@ -96,6 +101,7 @@ class _Batch:
     occlusion_grid: tuple[int, int] | None
     scored: dict[str, Any] = field(default_factory=dict)
     loc_keep: Tensor | None = None  # the localisation metrics' keep-mask (correct images only)
+    cells: Tensor | None = None  # grid pointing game: the target's cell of each 2 x 2 grid
 
 
 def _confidence_table(engine: Perturber, b: _Batch) -> Any:
@@ -246,6 +252,21 @@ METRIC_KINDS: dict[str, MetricKind] = {
     ),
 }
 
+
+def _feed_grid(metric: Any, b: _Batch, n: str) -> None:
+    if b.cells is None:
+        raise ValueError(
+            "grid_pointing_game needs 2 x 2 grids with the target's cell: enable it with "
+            "metrics.grid_pointing.enabled=true (a pass over composed grids), not in `enabled`"
+        )
+    keep = b.base.keep & in_top_k(b.base.logits, b.base.targets, GRID_TOP_K)
+    metric.update(b.maps[n], b.cells, keep, ids=b.ids)
+
+
+METRIC_KINDS["grid_pointing_game"] = MetricKind(
+    lambda p, s, c: GridPointingGame(**c), None, _feed_grid
+)
+
 #: Metric keys accepted in ``conf/metrics/*.yaml`` ``enabled`` lists.
 METRIC_KEYS: tuple[str, ...] = tuple(METRIC_KINDS)
 
@@ -275,7 +296,8 @@ def _config_parts(cfg: Mapping[str, Any]) -> tuple[EvalProtocol, list[str], dict
     """Protocol, enabled keys (default: all) and settings of a ``conf/metrics`` mapping."""
     protocol = EvalProtocol.from_dict(dict(cfg.get("protocol") or {}))
     enabled = cfg.get("enabled")
-    keys = check_metric_keys(list(METRIC_KEYS if enabled is None else enabled))
+    every = [k for k in METRIC_KEYS if k != "grid_pointing_game"]  # that one needs grids
+    keys = check_metric_keys(list(every if enabled is None else enabled))
     settings = {k: cfg[k] for k in SETTING_KEYS if k in cfg and cfg[k] is not None}
     return protocol, keys, settings
 
@@ -478,6 +500,7 @@ class MetricSuite(nn.Module):
         base: BaseScores,
         ids: Tensor,
         labels: Tensor | None = None,
+        cells: Tensor | None = None,
     ) -> None:
         """Run the perturbations the enabled metrics need and update every metric.
 
@@ -489,6 +512,8 @@ class MetricSuite(nn.Module):
             ids: ``(B,)`` integer image ids (e.g. dataset indices), the keys of ``per_image()``.
             labels: ``(B,)`` ground truth; with ``localisation_only_correct`` (default true) the
                 localisation metrics leave misclassified images out (counted as ``excluded``).
+            cells: ``(B,)`` the target's cell (0..3) of each 2 x 2 grid, for the grid pointing
+                game (Böhle et al. 2021); pairs outside the model's top 4 are left out.
 
         Raises:
             ValueError: On a missing method's maps or ids of the wrong shape.
@@ -504,6 +529,7 @@ class MetricSuite(nn.Module):
         distinct = {n: maps[n] for n in unique}
         batch = _Batch(images, distinct, masks, base, ids, unique, self.occlusion_grid)
         batch.loc_keep = localisation_keep(base.keep, base.predicted, labels, self.only_correct)
+        batch.cells = cells
         engine = self._engine()
         for name, compute in PERTURBATIONS.items():
             if name in self.needs:
