@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
@@ -257,24 +257,28 @@ def build_loggers(cfg: DictConfig, out: Path, resume_step: int | None = None) ->
     Args:
         cfg: the run's config.
         out: the run folder.
-        resume_step: the global step of the checkpoint a training resumes from: a
-            :class:`ResumableCSVLogger` keeps the rows logged before it.
+        resume_step: the global step of the checkpoint a training resumes from: a CSV logger
+            is then a :class:`ResumableCSVLogger` that keeps the rows logged before it
+            (Lightning's ``CSVLogger`` would delete them).
     """
     loggers: list[Logger] = []
     for name, conf in _entries(cfg.get("logger"), "logger"):
-        cls = get_class(str(conf._target_))
-        kwargs = OmegaConf.to_container(conf, resolve=True)
-        assert isinstance(kwargs, dict)
-        kwargs.pop("_target_")
-        kwargs["save_dir"] = str(out)
+        extra: dict[str, Any] = {"save_dir": str(out)}
         if _is_wandb(name, conf):
             wandb_offline_by_default()
-            kwargs["offline"] = os.environ.get("WANDB_MODE") == "offline"
-            kwargs["config"] = OmegaConf.to_container(cfg, resolve=True)
-            kwargs.update(wandb_run_settings(cfg, out, conf))
-        if isinstance(cls, type) and issubclass(cls, ResumableCSVLogger):
-            kwargs["keep_rows_before_step"] = resume_step
-        loggers.append(cls(**kwargs))
+            extra["offline"] = os.environ.get("WANDB_MODE") == "offline"
+            extra["config"] = OmegaConf.to_container(cfg, resolve=True)
+            extra.update(wandb_run_settings(cfg, out, conf))
+        # As a partial: WandbLogger's own `config` argument would clash with instantiate's.
+        factory = instantiate(conf, _partial_=True)
+        if resume_step is not None and isinstance(factory, functools.partial):
+            cls = factory.func
+            if cls is CSVLogger:
+                cls = ResumableCSVLogger
+            if isinstance(cls, type) and issubclass(cls, ResumableCSVLogger):
+                extra["keep_rows_before_step"] = resume_step
+                factory = functools.partial(cls, *factory.args, **factory.keywords)
+        loggers.append(factory(**extra))
     return loggers
 
 
