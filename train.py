@@ -19,12 +19,20 @@ def _train(cfg: DictConfig) -> dict:
     return run(cfg)
 
 
+def _check(cfg: DictConfig) -> None:
+    """What can be checked before torch is imported: the checkpoint of ``resume=PATH``."""
+    from attncam.stages.cli import check_paths_exist
+
+    if cfg.get("resume") not in (None, "last"):
+        check_paths_exist(cfg, ["resume"])
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Check the config, train, and report a user error in one line (exit status 2)."""
     from attncam.stages.cli import run_entry
 
-    return run_entry(cfg, _train, groups=GROUPS).get("val/acc")
+    return run_entry(cfg, _train, checks=[_check], groups=GROUPS).get("val/acc")
 
 
 if __name__ == "__main__":
