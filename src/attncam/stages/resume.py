@@ -103,7 +103,7 @@ def find_run_to_resume(roots: list[Path], overrides: list[str]) -> tuple[Path | 
 
 def _not_found(roots: list[Path], overrides: list[str], runs: list[Path]) -> ConfigError:
     shown = [o for o in overrides if override_key(o) != "resume"]
-    closest = "; ".join(f"{f} ({' '.join(_run_overrides(f) or [])})" for f in runs[:3])
+    closest = "; ".join(f"{f.resolve()} ({' '.join(_run_overrides(f) or [])})" for f in runs[:3])
     return ConfigError(
         f"resume=last: no run under {', '.join(map(str, roots))} with the overrides "
         f"[{' '.join(shown)}] has {LAST}"
