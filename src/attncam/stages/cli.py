@@ -462,6 +462,16 @@ def _leave_no_folder(job: Job, message: str) -> None:
         remove_empty_dirs(job.hydra_dir)
 
 
+def _log_to_job_files(err: BaseException) -> None:
+    """The error and its traceback into the job's log file (Hydra prints them on the console)."""
+    record = log.makeRecord(
+        log.name, logging.ERROR, __file__, 0, "job failed: %s: %s",
+        (type(err).__name__, err), (type(err), err, err.__traceback__),
+    )  # fmt: skip
+    for handler in _deferred_handlers():
+        handler.handle(record)
+
+
 def _report_user_error(err: BaseException, job: Job) -> None:
     """One line on stderr (after the traceback with ``HYDRA_FULL_ERROR=1``); no folder left."""
     for handler in _deferred_handlers():
@@ -521,8 +531,7 @@ def run_entry(
         if not job.multirun:
             _report_user_error(err, job)
             raise SystemExit(USER_ERROR_EXIT) from None
-        job.skipped = str(err)
-        log.warning("job %d SKIPPED: %s", job.num, err)
+        job.skipped = str(err)  # the sweep callback reports it
         return {"status": "SKIPPED", "reason": str(err)}
     except Exception as err:
         if isinstance(err, FolderTakenError):
@@ -533,8 +542,8 @@ def run_entry(
         if job.refused:
             for handler in _deferred_handlers():
                 handler.discard()
-        else:  # the job's own log keeps the error and its traceback
-            log.error("job failed: %s: %s", type(err).__name__, err, exc_info=err)
+        else:
+            _log_to_job_files(err)
         raise
     except SystemExit as stop:  # SIGTERM (status 143): no Hydra callback runs after this
         if stop.code not in (0, None) and not job.refused:

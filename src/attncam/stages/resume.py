@@ -222,7 +222,7 @@ def prepare_training(cfg: DictConfig, out: Path) -> tuple[DictConfig, Path]:
     check_architecture(ckpt, cfg, path)
     with open_dict(cfg):
         cfg.resume = str(path)
-    log.info("resuming %s (epoch %s) in %s; model and data settings from %s", path,
+    log.info("resuming %s (saved after epoch %s) in %s; model and data settings from %s", path,
              ckpt.get("epoch"), run_dir, source)  # fmt: skip
     return cfg, run_dir
 

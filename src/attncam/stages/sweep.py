@@ -89,11 +89,10 @@ def _error_text(err: BaseException) -> str:
 def job_status(job: Job, job_return: JobReturn | None) -> tuple[str, str | None]:
     """``(status, error)`` of a finished job."""
     if job_return is not None and job_return.status == JobStatus.FAILED:
-        try:
-            _ = job_return.return_value  # re-raises the job's exception
-        except Exception as err:
-            return "FAILED", _error_text(err)
-        return "FAILED", None
+        # The dataclass field itself: the return_value property would print Hydra's "Error
+        # executing job" line a second time before re-raising.
+        err = getattr(job_return, "_return_value", None)
+        return "FAILED", _error_text(err) if isinstance(err, BaseException) else None
     if job.skipped is not None:
         return "SKIPPED", job.skipped
     return "COMPLETE", None
@@ -171,7 +170,7 @@ class RunStatusCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if job.multirun and sweep_dir.is_dir():
             write_summary(sweep_dir)
-            level = logging.ERROR if status == "FAILED" else logging.INFO
+            level = {"FAILED": logging.ERROR, "SKIPPED": logging.WARNING}.get(status, logging.INFO)
             log.log(level, "job %d %s%s", job.num, status, f": {error}" if error else "")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
