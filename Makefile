@@ -2,19 +2,29 @@
 # Both install what is missing into the active Python environment (no new venv per clone).
 PYTHON ?= python
 PIP := $(PYTHON) -m pip
+# This clone's code first, whatever the shared environment's editable install points at (another
+# clone of the project, say): every command below imports $(CURDIR)/src.
+export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: install install-test demo train explain test test-slow lint bench
+.PHONY: install install-test demo train explain test test-slow lint bench where FORCE
 
 # pip is pinned to the torch/torchvision pair that installs from local disk here; the stamp files
-# make a second `make` instant.
+# make a second `make` instant, unless the editable install points at another clone (then the
+# install step runs again and points it here).
+HERE := $(shell $(PYTHON) scripts/ensure_deps.py --points-here >/dev/null 2>&1 && echo yes)
 install: .stamps/install
-.stamps/install: pyproject.toml
+.stamps/install: pyproject.toml $(if $(HERE),,FORCE)
 	@mkdir -p .stamps
 	@$(PYTHON) scripts/ensure_deps.py
 	@touch $@
+FORCE:
+
+# Which attncam the commands import (this clone's src/attncam).
+where:
+	@$(PYTHON) -c "import attncam; print(attncam.__file__)"
 
 install-test: .stamps/install-test
 .stamps/install-test: pyproject.toml .stamps/install

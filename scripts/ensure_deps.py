@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import json
 import pathlib
 import subprocess
 import sys
@@ -43,19 +44,39 @@ def _pip(*args: str) -> None:
     subprocess.check_call(cmd)
 
 
+def points_here(direct_url: str, root: pathlib.Path = ROOT) -> bool:
+    """Whether an install's ``direct_url.json`` text is an editable install of ``root`` itself.
+
+    The URL is compared whole: ``/work/main`` is not ``/work/main-2``.
+    """
+    try:
+        info = json.loads(direct_url or "{}")
+    except ValueError:
+        return False
+    url = str(info.get("url", "")).rstrip("/")
+    editable = bool((info.get("dir_info") or {}).get("editable"))
+    return editable and url == root.resolve().as_uri()
+
+
 def _attncam_points_here() -> bool:
     try:
         dist = md.distribution("attncam")
     except md.PackageNotFoundError:
         return False
-    direct = dist.read_text("direct_url.json") or ""
-    return ROOT.as_uri() in direct
+    return points_here(dist.read_text("direct_url.json") or "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--test", action="store_true", help="also the test-only dependencies")
+    parser.add_argument(
+        "--points-here",
+        action="store_true",
+        help="only check: exit 0 when the editable install of attncam is this clone, else 1",
+    )
     args = parser.parse_args()
+    if args.points_here:
+        sys.exit(0 if _attncam_points_here() else 1)
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = list(project["dependencies"])

@@ -207,6 +207,23 @@ def test_multirun_with_a_failing_job_keeps_the_other_jobs_results(
     jobs = {p.parent.name: p for p in tmp_path.glob("multirun/train/*/*/*/results.json")}
     assert sorted(jobs) == ["0", "2"], proc.stderr[-3000:]
     assert {json.loads(p.read_text())["attention"] for p in jobs.values()} == {"none", "se"}
+    # Issue 15, item 7: each job's status in its folder, the failure in its own log, a summary.
+    (sweep_dir,) = tmp_path.glob("multirun/train/*/*")
+    status = {d.name: json.loads((d / "status.json").read_text()) for d in sweep_dir.glob("[0-9]")}
+    assert {k: v["status"] for k, v in status.items()} == {
+        "0": "COMPLETE", "1": "FAILED", "2": "COMPLETE"}  # fmt: skip
+    assert status["1"]["error"].startswith("ValueError: unknown attention 'cbm'; choose one of")
+    assert "model.attention=cbm" in status["1"]["overrides"]
+    failed_log = (sweep_dir / "1" / "train.log").read_text()
+    assert "unknown attention 'cbm'" in failed_log and "Traceback" in failed_log
+    import csv
+
+    with open(sweep_dir / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["job"], r["status"]) for r in rows] == [
+        ("0", "COMPLETE"), ("1", "FAILED"), ("2", "COMPLETE")]  # fmt: skip
+    assert "unknown attention 'cbm'" in rows[1]["error"]
+    assert "job 1 FAILED: ValueError: unknown attention 'cbm'" in proc.stdout  # when it happens
 
 
 # --------------------------------------------------------------------------- determinism

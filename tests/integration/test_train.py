@@ -87,6 +87,8 @@ def test_resume_from_last(tmp_path: Path, cache_dir: str) -> None:
         cfg.output_dir = str(tmp_path / "resumed")
     second = train_stage.run(cfg)
     assert second["epochs"] == 2
+    # resume=PATH continues in the checkpoint's own run folder (issue 15), not a new one.
+    assert second["output_dir"] == first["output_dir"] and not (tmp_path / "resumed").exists()
 
 
 def test_last_checkpoint_is_rewritten_every_epoch(tmp_path: Path, cache_dir: str) -> None:

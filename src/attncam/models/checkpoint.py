@@ -2,8 +2,11 @@
 
 A checkpoint holds the :class:`~attncam.models.lit_module.ClassifierModule`'s hyperparameters
 (backbone, classes, attention, ...) next to its weights, so :func:`load_classifier` rebuilds the
-exact network with no Hydra and no download. :func:`read_checkpoint` refuses pickled objects
-unless the caller trusts the file, and names what is wrong with a file it cannot use.
+exact network with no Hydra and no download. It also describes the run that wrote it
+(:func:`checkpoint_metadata`: class names, image size, input mean/std, the data config and the
+whole training config), so a checkpoint copied out of its run folder still says what it was
+trained on. :func:`read_checkpoint` refuses pickled objects unless the caller trusts the file,
+and names what is wrong with a file it cannot use.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import pathlib
 import pickle
 import zipfile
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +30,29 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded: missing, corrupt, unsafe or of another model."""
+
+
+#: The checkpoint key of :func:`checkpoint_metadata` (plain values: weights-only loading reads it).
+METADATA_KEY = "attncam_metadata"
+
+#: What :func:`checkpoint_metadata` may hold; checkpoints written before attncam 0.1 hold none.
+METADATA_FIELDS = ("class_names", "image_size", "mean", "std", "data", "config")
+
+
+def checkpoint_metadata(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint says about the run that wrote it; ``{}`` for an older checkpoint.
+
+    Args:
+        ckpt: a checkpoint as :func:`read_checkpoint` returns it.
+
+    Returns:
+        A dict with some of :data:`METADATA_FIELDS`: ``class_names`` (list of str, index = class
+        id), ``image_size`` (int, the side of the training images), ``mean`` / ``std`` (the
+        per-channel input normalisation the network applies to pixels in [0, 1]), ``data`` (the
+        training run's ``data`` config, with ``_target_``) and ``config`` (its whole config).
+    """
+    meta = ckpt.get(METADATA_KEY)
+    return dict(meta) if isinstance(meta, Mapping) else {}
 
 
 # Hyperparameters that decide the network's shape: a checkpoint resumed or loaded under other
@@ -125,6 +152,9 @@ def load_classifier(
 ) -> ClassifierModule:
     """Rebuild a :class:`ClassifierModule` from a checkpoint, with no Hydra and no download.
 
+    The module's ``run_metadata`` is the checkpoint's :func:`checkpoint_metadata`, and its
+    network's ``class_names`` are the training data's class names when the checkpoint has them.
+
     Args:
         path: a checkpoint written by ``train.py``.
         trust_checkpoint: allow arbitrary pickled objects (only for files you trust: unpickling
@@ -150,14 +180,21 @@ def load_classifier(
             f"{hp.get('attention')!r}) does not rebuild with attncam {__version__}: "
             f"{str(err)[:400]}"
         ) from None
+    module.run_metadata = checkpoint_metadata(ckpt)
+    names = module.run_metadata.get("class_names")
+    if isinstance(names, list) and len(names) == hp.get("num_classes"):
+        module.net.class_names = [str(n) for n in names]
     module.eval()
     return module
 
 
 __all__ = [
     "ARCHITECTURE_HPARAMS",
+    "METADATA_FIELDS",
+    "METADATA_KEY",
     "CheckpointError",
     "check_hparams",
+    "checkpoint_metadata",
     "load_classifier",
     "read_checkpoint",
 ]

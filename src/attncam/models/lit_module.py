@@ -28,8 +28,10 @@ from attncam import __version__
 # Moved to their own modules; re-exported under their old names.
 from attncam.models.checkpoint import (
     ARCHITECTURE_HPARAMS,
+    METADATA_KEY,
     CheckpointError,
     check_hparams,
+    checkpoint_metadata,
     load_classifier,
     read_checkpoint,
 )
@@ -136,6 +138,9 @@ class ClassifierModule(L.LightningModule):
         self.test_metrics = nn.ModuleDict({k: v.clone() for k, v in metrics.items()})
         self.train_acc = metrics["acc"].clone()
         self._images_logged = False
+        #: What the run adds to every checkpoint's metadata (the train stage sets ``data`` and
+        #: ``config``); ``load_classifier`` fills it from the checkpoint.
+        self.run_metadata: dict[str, Any] = {}
 
     #: ``model`` config keys the train stage reads itself (not module arguments).
     STAGE_MODEL_KEYS: ClassVar[tuple[str, ...]] = ("compile",)
@@ -247,17 +252,26 @@ class ClassifierModule(L.LightningModule):
         self._log_top5_error("test")
 
     def _log_images(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        logger = self.logger
-        if logger is None or not hasattr(logger, "log_image"):
-            return
-        try:
-            logger.log_image(  # type: ignore[attr-defined]
-                key="train/samples",
-                images=[img.detach().float().cpu() for img in x],
-                caption=[str(int(c)) for c in y],
-            )
-        except Exception as err:  # a logger failing to draw must not stop training
-            log.warning("could not log sample images: %s", err)
+        """Send sample training images ``x`` ``(B, 3, H, W)`` to every logger that draws images.
+
+        Each logger with a ``log_image`` method (W&B's, not the CSV logger) gets them, captioned
+        with the class names when the data module has them.
+        """
+        names = list(getattr(self._datamodule(), "class_names", None) or [])
+        captions = [names[int(c)] if int(c) < len(names) else str(int(c)) for c in y]
+        images = [img.detach().float().cpu() for img in x]
+        for logger in self.loggers:
+            if not callable(getattr(logger, "log_image", None)):
+                continue
+            try:
+                logger.log_image(key="train/samples", images=images, caption=captions)
+            except Exception as err:  # a logger failing to draw must not stop training
+                log.warning("could not log sample images to %s: %s", type(logger).__name__, err)
+
+    def _datamodule(self) -> Any:
+        """The trainer's data module, or None outside a ``Trainer``."""
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
 
     # ------------------------------------------------------------------ optimisation
 
@@ -292,11 +306,31 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the attncam version next to the hyperparameters."""
+        """Record the attncam version and the run's metadata next to the hyperparameters.
+
+        The metadata (:func:`~attncam.models.checkpoint.checkpoint_metadata`) holds the class
+        names and image size of the trainer's data module, the network's input mean/std, and
+        what :attr:`run_metadata` holds (the train stage's ``data`` and ``config``), all plain
+        values, so weights-only loading reads them.
+        """
         checkpoint["attncam_version"] = __version__
+        meta = dict(self.run_metadata)
+        dm = self._datamodule()
+        names = getattr(dm, "class_names", None) if dm is not None else None
+        if names:
+            meta["class_names"] = [str(n) for n in names]
+        if getattr(dm, "image_size", None):
+            meta["image_size"] = int(dm.image_size)
+        for key, attr in (("mean", "input_mean"), ("std", "input_std")):
+            value = getattr(self.net, attr, None)
+            if value is not None:
+                meta[key] = [float(v) for v in value]
+        checkpoint[METADATA_KEY] = meta
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Warn when the checkpoint was written by another attncam version."""
+        """Read the run's metadata (unless set); warn when another attncam version wrote it."""
+        if not self.run_metadata:
+            self.run_metadata = checkpoint_metadata(checkpoint)
         saved = checkpoint.get("attncam_version")
         if saved is not None and saved != __version__:
             log.warning(

@@ -1,6 +1,12 @@
 """The explain stage's inputs: the model (checkpoint or pretrained), the images, the methods.
 
-Every problem with them is an :class:`ExplainInputError` that says what to pass instead.
+Every problem with them is an :class:`ExplainInputError` that says what to pass instead. A
+checkpoint describes its own training run (``attncam.models.checkpoint.checkpoint_metadata``):
+its class names, image size and data config are the defaults here, and a setting that
+contradicts them is explained with a warning. ``model=NAME`` explains a backbone with its
+published (or ``model.weights=PATH``) weights; one with random weights only with
+``allow_random_weights=true``. The manifest's ``source`` says which: ``checkpoint``,
+``pretrained`` or ``random``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,24 @@ from attncam.explain import Explainer, available_methods, get_method, methods_fr
 from attncam.io import sha256_file
 from attncam.models.checkpoint import load_classifier
 from attncam.models.net import AttentionNet
+from attncam.stages.cli import ConfigError, JobSkipped, check_limit, check_model_weights
+
+__all__ = [
+    "DEFAULT_IMAGE_SIZE",
+    "DataInfo",
+    "ExplainInputError",
+    "ModelInfo",
+    "NoApplicableMethodError",
+    "applicable_specs",
+    "check_limit",
+    "image_size_for",
+    "load_data",
+    "load_model",
+    "method_specs",
+]
+
+#: Side of ``images=...`` when neither ``image_size`` nor the checkpoint gives one.
+DEFAULT_IMAGE_SIZE = 224
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +54,28 @@ class ExplainInputError(ValueError):
     """The explain stage's inputs are missing or inconsistent."""
 
 
+class NoApplicableMethodError(ExplainInputError, JobSkipped):
+    """None of the requested methods applies to the model: an error, or a skipped sweep job."""
+
+
 @dataclass
 class ModelInfo:
-    """The network to explain and where it came from."""
+    """The network to explain and where it came from.
+
+    Attributes:
+        net: the network, in eval mode.
+        source: ``checkpoint``, ``pretrained`` (published weights, or ``model.weights=PATH``)
+            or ``random`` (``allow_random_weights=true``).
+        checkpoint: the checkpoint path (``ckpt=``).
+        checkpoint_sha256: its SHA-256.
+        hparams: the network's hyperparameters (backbone, attention, classes, ...).
+        train_config: the training run's config (stored in the checkpoint, or ``config.json``
+            of its run folder).
+        class_names: the class names (the checkpoint's data, or the pretrained weights' head).
+        image_size: the side of the images the checkpoint was trained on.
+        data_config: the training run's ``data`` config.
+        looked: where the training config was looked for (for error messages).
+    """
 
     net: nn.Module
     source: str
@@ -41,49 +84,81 @@ class ModelInfo:
     hparams: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] | None = None
     class_names: list[str] | None = None
+    image_size: int | None = None
+    data_config: dict[str, Any] | None = None
+    looked: list[str] = field(default_factory=list)
+
+
+def _checkpoint_model(cfg: DictConfig, path: Path) -> ModelInfo:
+    """The network of ``ckpt=PATH`` with what its checkpoint and run folder say about it."""
+    module = load_classifier(str(path), trust_checkpoint=bool(cfg.get("trust_checkpoint")))
+    meta = dict(module.run_metadata)
+    cfg_file = path.resolve().parent.parent / "config.json"
+    looked = [f"{path} (its stored training config)", str(cfg_file)]
+    train_cfg = meta.get("config")
+    if train_cfg is None and cfg_file.is_file():
+        train_cfg = json.loads(cfg_file.read_text())
+    data_cfg = meta.get("data") or (train_cfg or {}).get("data")
+    names = meta.get("class_names") or (model_api.class_names(module.net) or None)
+    size = meta.get("image_size") or ((data_cfg or {}).get("image_size"))
+    return ModelInfo(
+        net=module.net.eval(),
+        source="checkpoint",
+        checkpoint=str(path),
+        checkpoint_sha256=sha256_file(path),
+        hparams=dict(module.hparams),
+        train_config=train_cfg,
+        class_names=list(names) if names else None,
+        image_size=int(size) if size else None,
+        data_config=dict(data_cfg) if data_cfg else None,
+        looked=looked,
+    )
+
+
+def _backbone_model(cfg: DictConfig, name: Any) -> ModelInfo:
+    """``model=NAME``: the backbone with its published weights, a local file, or random ones."""
+    if not isinstance(name, Mapping) or "backbone" not in name:
+        raise ExplainInputError(
+            f"model must name a backbone config such as model=efficientnet_lite0, got {name!r}"
+        )
+    weights = name.get("weights")
+    pretrained = bool(name.get("pretrained", True)) and weights is None
+    try:
+        check_model_weights(cfg)
+    except ConfigError as err:
+        raise ExplainInputError(str(err)) from None
+    net = AttentionNet(
+        str(name.backbone), 1000, attention="none", pretrained=pretrained, weights=weights
+    ).eval()
+    source = "pretrained" if pretrained or weights is not None else "random"
+    if source == "random":
+        log.warning("explaining model=%s with random weights (allow_random_weights=true)",
+                    name.backbone)  # fmt: skip
+    hparams = {"backbone": str(name.backbone), "attention": "none", "num_classes": 1000}
+    if weights is not None:
+        hparams["weights"] = str(weights)
+    return ModelInfo(
+        net=net, source=source, hparams=hparams, class_names=model_api.class_names(net)
+    )
 
 
 def load_model(cfg: DictConfig) -> ModelInfo:
-    """The network from ``ckpt=PATH`` or ``model=NAME`` (pretrained), in eval mode."""
+    """The network from ``ckpt=PATH`` or ``model=NAME`` (pretrained), in eval mode.
+
+    Raises:
+        ExplainInputError: both or neither given, or ``model=NAME`` without trained weights
+            and without ``allow_random_weights=true``.
+        attncam.models.checkpoint.CheckpointError: the checkpoint cannot be used.
+    """
     ckpt, name = cfg.get("ckpt"), cfg.get("model")
     if ckpt and name:
         raise ExplainInputError(
             f"give ckpt=PATH or model=NAME, not both (got ckpt={ckpt!r}, model={name.backbone!r})"
         )
     if ckpt:
-        path = Path(str(ckpt))
-        module = load_classifier(str(path), trust_checkpoint=bool(cfg.get("trust_checkpoint")))
-        train_cfg = None
-        cfg_file = path.resolve().parent.parent / "config.json"
-        if cfg_file.is_file():
-            train_cfg = json.loads(cfg_file.read_text())
-        return ModelInfo(
-            net=module.net.eval(),
-            source="checkpoint",
-            checkpoint=str(path),
-            checkpoint_sha256=sha256_file(path),
-            hparams=dict(module.hparams),
-            train_config=train_cfg,
-        )
+        return _checkpoint_model(cfg, Path(str(ckpt)))
     if name:
-        if not isinstance(name, Mapping) or "backbone" not in name:
-            raise ExplainInputError(
-                f"model must name a backbone config such as model=efficientnet_lite0, got {name!r}"
-            )
-        weights = name.get("weights")
-        net = AttentionNet(
-            str(name.backbone),
-            1000,
-            attention="none",
-            pretrained=bool(name.get("pretrained", True)) and weights is None,
-            weights=weights,
-        ).eval()
-        return ModelInfo(
-            net=net,
-            source="pretrained",
-            hparams={"backbone": str(name.backbone), "attention": "none", "num_classes": 1000},
-            class_names=model_api.class_names(net),
-        )
+        return _backbone_model(cfg, name)
     raise ExplainInputError(
         "nothing to explain: pass ckpt=PATH (a checkpoint written by train.py) or model=NAME "
         "(a backbone with pretrained weights, e.g. model=efficientnet_lite0)"
@@ -102,35 +177,74 @@ class DataInfo:
     datamodule: Any = None  # the data module of a data split (its validation split calibrates)
 
 
+def image_size_for(cfg: DictConfig, model: ModelInfo) -> int:
+    """The side of ``images=...``: ``image_size``, else the checkpoint's, else 224.
+
+    A size that differs from the one the checkpoint was trained at is used, with a warning.
+    """
+    asked, trained = cfg.get("image_size"), model.image_size
+    if asked is None:
+        return int(trained or DEFAULT_IMAGE_SIZE)
+    if trained and int(asked) != int(trained):
+        log.warning(
+            "explaining at image_size=%d a model trained at %d px; pass image_size=%d to match",
+            int(asked), int(trained), int(trained),
+        )  # fmt: skip
+    return int(asked)
+
+
+def _image_files(cfg: DictConfig, model: ModelInfo) -> DataInfo:
+    """``images=...``: files, a folder or a glob, at :func:`image_size_for`."""
+    spec = OmegaConf.to_object(cfg.images) if not isinstance(cfg.images, str) else cfg.images
+    paths = image_paths(spec)  # type: ignore[arg-type]
+    if not paths:
+        raise ExplainInputError(f"images={cfg.images!r} holds no files")
+    ds = ImageFilesDataset(paths, image_size_for(cfg, model))
+    if len(ds) == 0:
+        raise ExplainInputError(
+            f"images={cfg.images!r}: none of the {len(paths)} file(s) is a readable image"
+        )
+    return DataInfo(
+        dataset=ds,
+        class_names=model.class_names,
+        source=f"images={cfg.images}",
+        skipped=ds.skipped,
+        paths=[str(p) for p in ds.paths],
+    )
+
+
+def _data_config(cfg: DictConfig, model: ModelInfo) -> Any:
+    """``data=...`` or, with a checkpoint, the data it was trained on; else an error."""
+    data_cfg = cfg.get("data")
+    if data_cfg is None and model.data_config is not None:
+        data_cfg = OmegaConf.create(model.data_config)
+        log.info("explaining the data the checkpoint was trained on: %s", data_cfg._target_)
+    if data_cfg is None:
+        where = f" (looked for the training config in {' and '.join(model.looked)})"
+        raise ExplainInputError(
+            "no images: pass data=NAME (e.g. data=synthetic) with split=test, or images=GLOB"
+            + (where if model.looked else "")
+        )
+    return data_cfg
+
+
+def _warn_mismatch(dm: Any, model: ModelInfo) -> None:
+    """Warn when a ``data=...`` differs from the checkpoint's data in size or class names."""
+    size = getattr(dm, "image_size", None)
+    if model.image_size and size and int(size) != int(model.image_size):
+        log.warning("the data's image size %d differs from the %d px the model was trained at",
+                    int(size), int(model.image_size))  # fmt: skip
+    names = list(dm.class_names)
+    if model.source == "checkpoint" and model.class_names and names != model.class_names:
+        log.warning("the data's class names %s differ from the checkpoint's %s",
+                    names[:5], model.class_names[:5])  # fmt: skip
+
+
 def load_data(cfg: DictConfig, model: ModelInfo) -> DataInfo:
     """The images to explain: ``images=...`` files, ``data=...`` split, or the training data."""
     if cfg.get("images"):
-        paths = image_paths(
-            OmegaConf.to_object(cfg.images) if not isinstance(cfg.images, str) else cfg.images
-        )  # type: ignore[arg-type]
-        image_size = int(cfg.get("image_size") or 224)
-        if not paths:
-            raise ExplainInputError(f"images={cfg.images!r} holds no files")
-        ds = ImageFilesDataset(paths, image_size)
-        if len(ds) == 0:
-            raise ExplainInputError(
-                f"images={cfg.images!r}: none of the {len(paths)} file(s) is a readable image"
-            )
-        return DataInfo(
-            dataset=ds,
-            class_names=model.class_names,
-            source=f"images={cfg.images}",
-            skipped=ds.skipped,
-            paths=[str(p) for p in ds.paths],
-        )
-    data_cfg = cfg.get("data")
-    if data_cfg is None and model.train_config is not None:
-        data_cfg = OmegaConf.create(model.train_config["data"])
-        log.info("explaining the data the checkpoint was trained on: %s", data_cfg._target_)
-    if data_cfg is None:
-        raise ExplainInputError(
-            "no images: pass data=NAME (e.g. data=synthetic) with split=test, or images=GLOB"
-        )
+        return _image_files(cfg, model)
+    data_cfg = _data_config(cfg, model)
     dm = instantiate(data_cfg)
     dm.prepare_data()
     dm.setup("test")
@@ -145,6 +259,7 @@ def load_data(cfg: DictConfig, model: ModelInfo) -> DataInfo:
             f"the data has {len(names)} classes but the model predicts {n_model}: explain a "
             "checkpoint with the data it was trained on"
         )
+    _warn_mismatch(dm, model)
     skipped = [(p, "unreadable") for p in getattr(ds, "skipped_paths", [])]
     return DataInfo(
         dataset=ds, class_names=names, source=f"{data_cfg._target_}:{split}", skipped=skipped,
@@ -188,5 +303,5 @@ def applicable_specs(
         log.warning("method %s skipped: %s", s["method"], s["reason"])
     if not kept:
         reasons = "; ".join(f"{s['method']}: {s['reason']}" for s in skipped)
-        raise ExplainInputError(f"no requested method applies to this model ({reasons})")
+        raise NoApplicableMethodError(f"no requested method applies to this model ({reasons})")
     return kept, skipped

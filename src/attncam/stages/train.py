@@ -23,6 +23,7 @@ from attncam.stages.common import (
     task_wrapper,
     trainer_plugins,
 )
+from attncam.stages.resume import prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -106,40 +107,49 @@ def _metrics_over_processes(trainer: L.Trainer, prefixes: tuple[str, ...]) -> di
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _resume_path(cfg: DictConfig, ckpt_dir: Path, module: ClassifierModule) -> str | None:
-    """The checkpoint to resume from (``resume=last|PATH``), checked before any fitting."""
+def _resume_checkpoint(cfg: DictConfig, module: ClassifierModule) -> tuple[str | None, int | None]:
+    """``(checkpoint, its global step)`` to resume from, checked against the built module.
+
+    ``cfg.resume`` is already resolved (:func:`attncam.stages.resume.prepare_training`): an
+    absolute path or None. The checkpoint is read weights-only (unless trusted) and its network
+    compared with the module's, before any fitting.
+    """
     resume = cfg.get("resume")
-    if resume == "last":
-        last = ckpt_dir / "last.ckpt"
-        resume = str(last) if last.is_file() else None
-        if resume is None:
-            log.info("resume=last: no %s yet, starting from scratch", last)
-    if resume:
-        # Fail before fitting, with the reason: unsafe, corrupt, or another network.
-        saved = read_checkpoint(str(resume), trust_checkpoint=bool(cfg.get("trust_checkpoint")))
-        check_hparams(saved["hyper_parameters"], module.hparams, str(resume))
-    return str(resume) if resume else None
+    if not resume:
+        return None, None
+    saved = read_checkpoint(str(resume), trust_checkpoint=bool(cfg.get("trust_checkpoint")))
+    check_hparams(saved["hyper_parameters"], module.hparams, str(resume))
+    return str(resume), int(saved.get("global_step") or 0)
 
 
-def _build(cfg: DictConfig, out: Path) -> tuple[Any, ClassifierModule, L.Trainer, dict[str, Any]]:
-    """Data module, Lightning module and Trainer of a training run."""
+def _data_and_module(cfg: DictConfig) -> tuple[Any, ClassifierModule]:
+    """The data module (set up for fitting) and the Lightning module, with its run metadata."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = build_module(cfg, int(datamodule.num_classes))
     if cfg.model.get("compile", False):
         module.net.compile()  # in place: checkpoint keys keep their names (no _orig_mod.)
+    module.run_metadata = {
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    return datamodule, module
+
+
+def _trainer(cfg: DictConfig, out: Path, resume_step: int | None) -> tuple[L.Trainer, dict]:
+    """The Trainer of a training run (its loggers continue a resumed run's logs)."""
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_kwargs, dict)
     plugins = trainer_plugins(trainer_kwargs)  # takes sync_batchnorm out of trainer_kwargs
     trainer = L.Trainer(
         **trainer_kwargs,  # type: ignore[arg-type]
         default_root_dir=str(out),
-        logger=build_loggers(cfg, out) or False,
+        logger=build_loggers(cfg, out, resume_step=resume_step) or False,
         callbacks=build_callbacks(cfg, out / "checkpoints"),
         plugins=plugins,
     )
-    return datamodule, module, trainer, trainer_kwargs
+    return trainer, trainer_kwargs
 
 
 def _results(
@@ -164,11 +174,15 @@ def _results(
 
 
 @task_wrapper(
-    "{out}/checkpoints/last.ckpt holds the last finished epoch: run again in the same folder "
-    "with resume=last (or resume=PATH)"
+    "{out}/checkpoints/last.ckpt holds the last finished epoch: continue with the same command "
+    "and resume=last (or resume=last hydra.run.dir={out})",
+    prepare=prepare_training,
 )
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Train, validate and test the model described by ``cfg``.
+
+    ``resume=last|PATH`` continues a run in its own folder (:mod:`attncam.stages.resume`); a
+    folder that already holds results is refused unless the command resumes it.
 
     Returns:
         ``{"output_dir", "best_checkpoint", "last_checkpoint", "val/acc", "test/acc", ...}``;
@@ -179,9 +193,10 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    datamodule, module, trainer, trainer_kwargs = _build(cfg, out)
+    datamodule, module = _data_and_module(cfg)
+    resume, resume_step = _resume_checkpoint(cfg, module)
+    trainer, trainer_kwargs = _trainer(cfg, out, resume_step)
     write_json_atomic(out / "config.json", OmegaConf.to_container(cfg, resolve=True))
-    resume = _resume_path(cfg, out / "checkpoints", module)
     start = time.perf_counter()
     trust = bool(cfg.get("trust_checkpoint", False))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=not trust)
