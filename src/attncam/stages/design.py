@@ -24,6 +24,7 @@ from attncam.explain.hooks import capture
 from attncam.metrics.baselines import BASELINES, ORACLE
 from attncam.metrics.calibration import calibrate, collect_logits
 from attncam.runtime import eval_mode
+from attncam.stages.cli import check_limit
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def plan(
     metrics_cfg: Mapping[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     """Images, control rows, baselines and the CAM grid of the evaluation (``stages.design``)."""
-    ids = explained_ids(dataset, cfg.get("limit"), int(cfg.get("seed", 0)))
+    ids = explained_ids(dataset, check_limit(cfg.get("limit")), int(cfg.get("seed", 0)))
     image_size = tuple(dataset[ids[0]][0].shape[-2:]) if ids else (224, 224)
     explainer = Explainer(net, specs, layer=layer)
     controls = control_specs(explainer, specs, image_size)  # type: ignore[arg-type]
