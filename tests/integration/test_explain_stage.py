@@ -342,3 +342,27 @@ def test_calibrated_scores_and_correct_only_localisation(checkpoint: Path, tmp_p
     pg = row["pointing_game"]
     assert pg["skipped"].get("excluded", 0) == wrong  # misclassified: left out and counted
     assert pg["n"] + sum(pg["skipped"].values()) == 16
+
+
+def test_grid_pointing_game_pass(checkpoint: Path, tmp_path: Path) -> None:
+    """A second pass over 2 x 2 grids: the centre prior scores 25% there by construction."""
+    out = tmp_path / "grid"
+    explain_stage.run(
+        _explain_cfg(
+            out,
+            [
+                f"ckpt={checkpoint}",
+                "method=[gradcam]",
+                "limit=8",
+                "batch_size=8",
+                "metrics.grid_pointing.enabled=true",
+                "metrics.grid_pointing.num_grids=6",
+            ],
+        )  # fmt: skip
+    )
+    table = json.loads((out / "metrics.json").read_text())["methods"]
+    centre = table["baseline_centre"]["grid_pointing_game"]
+    assert centre["n"] >= 1 and abs(centre["value"] - 25.0) < 1e-3
+    gc = table["gradcam"]["grid_pointing_game"]
+    assert gc["n"] + sum(gc["skipped"].values()) == 24  # 6 grids x 4 classes, each accounted for
+    assert "grid pointing game" in (out / "metrics.md").read_text()

@@ -31,6 +31,7 @@ from attncam.metrics.sanity import randomizable_layers, run_sanity_check
 from attncam.stages import design
 from attncam.stages.common import build_loggers, task_wrapper
 from attncam.stages.explain_module import ExplainModule, ImagesPerSecondBar, WithIds
+from attncam.stages.grid_pass import grid_pointing
 from attncam.stages.inputs import (
     DataInfo,
     ExplainInputError,
@@ -203,6 +204,17 @@ def _write_outputs(
     return files
 
 
+def _add_grid_pointing(
+    results: dict[str, Any], net: nn.Module, specs: list[Any], layer: Any, data: DataInfo,
+    metrics_cfg: Mapping[str, Any], plan: Mapping[str, Any], cfg: DictConfig,
+) -> None:  # fmt: skip
+    """The grid pointing game's column (``metrics.grid_pointing.enabled``), in place."""
+    seed = int(cfg.get("seed", 0))
+    grid = grid_pointing(net, specs, layer, data.datamodule, metrics_cfg, plan, seed)
+    for name, row in (grid or {}).items():
+        results.setdefault(name, {}).update(row)
+
+
 @task_wrapper("{out} is incomplete (no COMPLETE file); explain again into a new folder")
 def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Explain and score; write tables, figures and a manifest into the run's folder.
@@ -237,6 +249,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     trainer.test(module, dataloaders=loader, verbose=False)
     seconds = time.perf_counter() - start
     results = module.results()
+    if trainer.is_global_zero:
+        _add_grid_pointing(results, model.net, specs, layer, data, metrics_cfg, plan, cfg)
     compare = design.compare_settings(cfg)
     wants = cfg.get("save_per_image") or compare is not None
     per_image = module.per_image() if wants else None
