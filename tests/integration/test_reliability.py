@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -356,3 +357,51 @@ def test_ddp_two_processes_train_and_evaluate_like_one(tmp_path: Path, cache_dir
         error = float((a - b).norm() / a.norm().clamp_min(1e-12))
         assert error <= 1e-4, f"{key}: relative difference {error:.3g}"
     shutil.rmtree(tmp_path / "two" / "checkpoints", ignore_errors=True)
+
+
+def test_sigterm_stops_explain_within_a_chunk_and_keeps_finished_images(
+    trained: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real SIGTERM mid-batch: the next perturbation forward stops the run (not the batch end),
+    and the per-image results of the batches already finished are kept, marked incomplete."""
+    from attncam.metrics.perturb import Perturber
+
+    real = Perturber._forward
+    calls = {"n": 0, "after_signal": 0, "signalled": False}
+
+    def forward(self: Any, x: Any) -> Any:
+        calls["n"] += 1
+        if calls["signalled"]:
+            calls["after_signal"] += 1
+        out = real(self, x)
+        first_batch_done = calls["n"] > 3 and bool(getattr(self, "_seen_second", False))
+        if not calls["signalled"] and first_batch_done:
+            calls["signalled"] = True
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler only sets a flag
+        return out
+
+    def base_scores(self: Any, images: Any, labels: Any = None) -> Any:
+        self._seen_second = getattr(self, "_batches", 0) >= 1
+        self._batches = getattr(self, "_batches", 0) + 1
+        return real_base(self, images, labels=labels)
+
+    real_base = Perturber.base_scores
+    monkeypatch.setattr(Perturber, "_forward", forward)
+    monkeypatch.setattr(Perturber, "base_scores", base_scores)
+    out = tmp_path / "explain"
+    cfg = compose(
+        "explain",
+        ["logger=none", *FAST_METRICS, f"ckpt={trained['best_checkpoint']}", "method=[gradcam]",
+         "limit=8", "batch_size=4", "metrics.chunk_size=2"],
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    with pytest.raises(SystemExit) as stopped:
+        explain_stage.run(cfg)
+    assert stopped.value.code == 143
+    assert calls["after_signal"] <= 1  # the very next forward raised; the batch did not finish
+    assert (out / "INCOMPLETE").is_file() and not (out / "COMPLETE").exists()
+    partial = json.loads((out / "per_image.partial.json").read_text())
+    assert len(partial["image_ids"]) == 4  # the first batch, finished before the signal
+    ad = partial["methods"]["gradcam"]["average_drop"]
+    assert set(ad) <= {str(i) for i in partial["image_ids"]} and len(ad) >= 1

@@ -168,6 +168,8 @@ class Perturber:
         self.model = model
         self.protocol = protocol or EvalProtocol()
         self.chunk_size = int(chunk_size)
+        #: Called before every forward pass (the explain stage raises there after a SIGTERM).
+        self.before_forward: Callable[[], None] | None = None
         self.mean = tuple(mean or getattr(model, "input_mean", IMAGENET_MEAN))
         self.std = tuple(std or getattr(model, "input_std", IMAGENET_STD))
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -223,6 +225,8 @@ class Perturber:
         return self._fast
 
     def _forward(self, x: Tensor) -> Tensor:
+        if self.before_forward is not None:
+            self.before_forward()  # e.g. stop within one chunk of a SIGTERM
         self.images_forwarded += x.shape[0]
         model = self._inference_model()
         if model is not self.model:

@@ -20,14 +20,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from attncam.data.files import IMAGE_SUFFIXES, ImageFilesDataset
-from attncam.explain import Explainer, result_name
+from attncam.explain import result_name
 from attncam.io import write_json_atomic, write_text_atomic
-from attncam.metrics.sanity import randomizable_layers, run_sanity_check
 from attncam.stages import design
 from attncam.stages.common import build_loggers, task_wrapper
 from attncam.stages.explain_module import ExplainModule, ImagesPerSecondBar, WithIds
@@ -52,6 +52,7 @@ from attncam.stages.outputs import (
     write_predictions,
     write_tables,
 )
+from attncam.stages.sanity import sanity_check
 from attncam.viz import sanity_figure
 
 log = logging.getLogger(__name__)
@@ -82,46 +83,6 @@ _TRAINING_ONLY = (
     "log_every_n_steps",
     "sync_batchnorm",  # attncam's DistributedBatchNorm; explaining is eval
 )
-
-
-def sanity_check(
-    net: nn.Module,
-    specs: list[tuple[str, dict[str, Any]]],
-    layer: Any,
-    dataset: Dataset,
-    collate: Any,
-    sanity_cfg: Mapping[str, Any],
-    common: Mapping[str, Any],
-) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
-    """Cascading weight randomisation (Adebayo et al. 2018) for every method.
-
-    The first ``num_images`` images are explained for their predicted class by the trained model,
-    then by copies whose layers are re-initialised from the top down; Spearman rank correlation
-    and SSIM to the original map per layer (``attncam.metrics.sanity``).
-
-    Returns:
-        ``({method: {"spearman@<layer>": result, "ssim@<layer>": result}}, layers in cascade
-        order)``.
-    """
-    n = min(int(sanity_cfg.get("num_images") or 8), len(dataset))  # type: ignore[arg-type]
-    subset = torch.utils.data.Subset(dataset, range(n))
-    images = next(iter(DataLoader(subset, batch_size=n, collate_fn=collate)))[0]
-    with torch.no_grad():
-        targets = net.eval()(images).argmax(1)
-    layers = list(sanity_cfg.get("layers") or randomizable_layers(net))
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for key, opts in specs:
-        name = Explainer(net, [(key, opts)], layer=layer).names[0]
-
-        def explain_fn(
-            model: nn.Module, x: torch.Tensor, t: torch.Tensor, k: str = key, o: Any = opts,
-            n: str = name,
-        ) -> torch.Tensor:  # fmt: skip
-            return Explainer(model, [(k, o)], layer=layer)(x, t)[n]
-
-        metric = run_sanity_check(net, explain_fn, images, targets, layers, **common)
-        out[name] = {k: r.to_dict() for k, r in metric.compute().items()}
-    return out, layers
 
 
 def _layer(cfg: DictConfig) -> Any:
@@ -204,6 +165,20 @@ def _write_outputs(
     return files
 
 
+def _keep_partial(out: Path, module: ExplainModule, trainer: L.Trainer) -> None:
+    """After a SIGTERM: the per-image results of the finished batches, marked incomplete."""
+    if trainer.world_size > 1:  # a collective now could hang: the other ranks may be gone
+        return
+    done = [r["id"] for r in module.records]
+    write_per_image(out, module.per_image(), done, name="per_image.partial.json")
+    write_text_atomic(
+        out / "INCOMPLETE",
+        f"stopped by SIGTERM after {len(done)} images; per_image.partial.json holds their "
+        "per-image results (no table, no COMPLETE)\n",
+    )
+    log.warning("kept the per-image results of %d finished images in %s", len(done), out)
+
+
 def _add_grid_pointing(
     results: dict[str, Any], net: nn.Module, specs: list[Any], layer: Any, data: DataInfo,
     metrics_cfg: Mapping[str, Any], plan: Mapping[str, Any], cfg: DictConfig,
@@ -246,7 +221,11 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     loggers = build_loggers(cfg, out)
     trainer = _trainer(cfg, out, loggers)
     start = time.perf_counter()
-    trainer.test(module, dataloaders=loader, verbose=False)
+    try:
+        trainer.test(module, dataloaders=loader, verbose=False)
+    except SIGTERMException:
+        _keep_partial(out, module, trainer)
+        raise
     seconds = time.perf_counter() - start
     results = module.results()
     if trainer.is_global_zero:

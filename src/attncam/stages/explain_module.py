@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
@@ -173,6 +174,19 @@ class ExplainModule(L.LightningModule):
     def on_test_start(self) -> None:
         """Build the perturbation engine on the right device."""
         self.suite.bind(self.net)
+        assert self.suite.perturber is not None
+        self.suite.perturber.before_forward = self.stop_if_asked
+
+    def stop_if_asked(self) -> None:
+        """Raise Lightning's SIGTERMException as soon as a SIGTERM arrived (between forwards).
+
+        Lightning itself stops only at the end of a batch, minutes later on a CPU; this stops
+        within one perturbation chunk. The interrupted batch feeds no metric: the per-image
+        results of the finished batches stay exact.
+        """
+        trainer = self._trainer
+        if trainer is not None and trainer.received_sigterm:
+            raise SIGTERMException()
 
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         """Explain one batch and update every metric."""
@@ -182,6 +196,7 @@ class ExplainModule(L.LightningModule):
                 f"WithIds); got {len(batch)} elements"
             )
         images, labels, masks, ids = batch
+        self.stop_if_asked()
         if not torch.isfinite(images).all():
             bad = (~torch.isfinite(images.flatten(1))).any(1).nonzero().flatten().tolist()
             raise ValueError(f"images {bad} of batch {batch_idx} hold NaN or inf values")

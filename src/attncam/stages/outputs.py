@@ -262,14 +262,17 @@ def write_predictions(
 
 
 def write_per_image(
-    out: Path, per_image: Mapping[str, Mapping[str, Mapping[int, float]]], ids: list[int]
+    out: Path,
+    per_image: Mapping[str, Mapping[str, Mapping[int, float]]],
+    ids: list[int],
+    name: str = "per_image.json",
 ) -> list[Path]:
     """``per_image.json``: ``{"image_ids": [...], "methods": {method: {metric: {id: value}}}}``."""
     methods = {
         m: {k: {str(i): float(v) for i, v in sorted(vals.items())} for k, vals in row.items()}
         for m, row in per_image.items()
     }
-    return [write_json_atomic(out / "per_image.json", {"image_ids": ids, "methods": methods})]
+    return [write_json_atomic(out / name, {"image_ids": ids, "methods": methods})]
 
 
 def log_wandb(loggers: list[Any], results: Results, files: list[Path]) -> None:
