@@ -129,7 +129,8 @@ class AttentionNet(nn.Module):
         attention: one of ``none, se, cbam, cbam_channel, cbam_spatial, bam``.
         placement: ``blocks`` (inside every residual block after the last BN, as in the CBAM
             paper; for BAM and non-residual families, after every stage) or ``last`` (one module
-            after the last stage).
+            after the last stage). A backbone built by name takes ``blocks`` only when attncam
+            knows its blocks (torchvision's ResNets); otherwise ``last``.
         reduction: channel MLP reduction ratio.
         kernel_size: CBAM spatial conv size.
         pretrained: load the backbone's ImageNet weights (torchvision's, or the bundled ones for
