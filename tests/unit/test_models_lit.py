@@ -99,11 +99,15 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+# model=by_name leaves the backbone mandatory (???): the user names it.
+_BY_NAME = {"by_name": ["model.backbone=timm:resnet10t"]}
+
+
 @pytest.mark.parametrize(
     "overrides",
     [[], ["experiment=demo"], ["experiment=an2022"], ["trainer.max_epochs=null"],
      ["optim.lr_pretrained=null", "optim.scheduler=step", "model.channels_last=true"]]
-    + [[f"model={m}"] for m in _options("model")]
+    + [[f"model={m}"] + _BY_NAME.get(m, []) for m in _options("model")]
     + [[f"attention={a}"] for a in _options("attention")],
     ids=lambda o: " ".join(o) or "default",
 )  # fmt: skip
