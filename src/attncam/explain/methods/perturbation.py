@@ -85,7 +85,9 @@ class _ScoreCAMFamily(CAMMethod):
     torchcam 0.5's ``SSCAM``/``ISCAM``: maps normalised *before* upsampling, ``(A - min) /
     (max - min + 1e-8)``, each masked image scored by its target logit minus the clean image's,
     and ``w = softmax_k((1/n) sum_i score_i)`` (a softmax over channels, not classes); constant
-    channels give an all-zero mask and are scored too. Weights are kept in the extras as
+    channels give an all-zero mask and are scored too; like torchcam it upsamples all ``K`` maps
+    at once, ``(B, K, H, W)``, and draws SS-CAM's noise for that whole tensor per sample (the
+    same draws as torchcam from the same global seed). Weights are kept in the extras as
     ``"<name>.weights"`` ``(B, K)``.
     """
 
