@@ -18,7 +18,14 @@ from attncam.explain.methods import gradient
 from attncam.models.net import AttentionNet
 
 BACKBONES = ["resnet18", "vgg16", "googlenet", "densenet121", "efficientnet_lite0"]
-PERTURBATION = ["scorecam", "ablationcam", "occlusion"]
+PERTURBATION = ["scorecam", "sscam", "iscam", "ablationcam", "occlusion"]
+# Cheaper settings for the methods that repeat the network many times (their maths is tested
+# in test_explain_scorecam_family.py and test_explain_captum.py).
+CHEAP = {
+    "smoothgradcampp": {"n": 2},
+    "integrated_gradients": {"n_steps": 4},
+    "smoothgrad": {"n": 2},
+}
 ATTENTION = ["attention", "attention_guided"]
 
 
@@ -36,11 +43,11 @@ def _methods(net: AttentionNet) -> list:
         keys.remove("cam")
     if net.attention_kind == "none":
         keys = [k for k in keys if k not in ATTENTION]
-    extra = [("smoothgradcampp", {"n": 2})]
+    extra = [(k, o) for k, o in CHEAP.items()]
     if net.attention_kind != "none":
         extra += [("attention_guided", {"variant": v}) for v in ("spatial_product", "multi_stage")]
         extra += [("attention_guided", {"variant": "multi_stage", "combine": "mean"})]
-    return [k for k in keys if k != "smoothgradcampp"] + extra
+    return [k for k in keys if k not in CHEAP] + extra
 
 
 def _state(model: nn.Module) -> tuple[list[bool], list[bool]]:
@@ -78,15 +85,21 @@ def test_contract_all_methods(net: AttentionNet) -> None:
     assert all(p.grad is None for p in net.parameters())
     assert count_hooks(net) == 0
     assert res.extras["guided_backprop.gradient"].shape == (2, 3, 32, 32)
+    for name in ("integrated_gradients[n_steps=4]", "smoothgrad[n=2]", "input_x_gradient"):
+        assert res.extras[f"{name}.attribution"].shape == (2, 3, 32, 32)
 
 
 def test_contract_perturbation_methods(net: AttentionNet) -> None:
     before = _prepare(net)
     # VGG's last layer is 2 x 2 at 32 x 32: 512 full forwards; its first stage has 64 channels.
-    score = (
-        ("scorecam", {"layer": net.stage_names[0]}) if net.backbone_name == "vgg16" else "scorecam"
-    )
-    methods = [score, "ablationcam", ("occlusion", {"window": 16, "stride": 16})]
+    own = {"layer": net.stage_names[0]} if net.backbone_name == "vgg16" else {}
+    methods = [
+        ("scorecam", own),
+        ("sscam", {**own, "n": 1, "sigma": 0.1}),
+        ("iscam", {**own, "n": 1}),
+        "ablationcam",
+        ("occlusion", {"window": 16, "stride": 16}),
+    ]
     ex = Explainer(net, methods)
     res = ex.explain(torch.rand(1, 3, 32, 32), torch.tensor([3]))
     _check_maps(res.maps, (1, 32, 32))

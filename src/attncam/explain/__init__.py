@@ -5,8 +5,16 @@ maps in [0, 1]. ``capture()`` (``hooks.py``) is the only place hooks are registe
 a small registered class (``methods/``) whose key is its ``conf/method/<key>.yaml`` file name.
 What the engine may read from a model is the ``ExplainableModel`` protocol (``model_api.py``);
 result names and their ``maps.npz`` slugs are ``result_name`` and ``slug`` (``naming.py``).
+captum's attributions (``integrated_gradients``, ``smoothgrad``, ``input_x_gradient``) run behind
+the same call through ``captum_adapter.py``; captum is imported only when one is used.
 """
 
+from attncam.explain.captum_adapter import (
+    CHANNEL_REDUCTIONS,
+    CaptumMethod,
+    reduce_channels,
+    require_captum,
+)
 from attncam.explain.equivalence import equivalent_methods, representatives
 from attncam.explain.explainer import (
     Explainer,
@@ -22,7 +30,9 @@ from attncam.explain.model_api import AttentionTapLike, ExplainableModel, unknow
 from attncam.explain.naming import find_result, result_name, slug
 
 __all__ = [
+    "CHANNEL_REDUCTIONS",
     "AttentionTapLike",
+    "CaptumMethod",
     "ExplainableModel",
     "Explainer",
     "Explanation",
@@ -38,6 +48,8 @@ __all__ = [
     "methods_from_config",
     "normalize_maps",
     "parse_methods",
+    "reduce_channels",
+    "require_captum",
     "result_name",
     "slug",
     "unknown_layer_error",

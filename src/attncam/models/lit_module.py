@@ -40,7 +40,7 @@ from attncam.models.net import AttentionNet
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "cosine")
 
 #: ``ClassifierModule`` arguments read from the ``optim`` config group; every other argument
@@ -72,7 +72,8 @@ class ClassifierModule(L.LightningModule):
         kernel_size: CBAM spatial conv size.
         pretrained: load ImageNet weights when building (set False when restoring a checkpoint).
         weights: a local state-dict file for the backbone.
-        optimizer: ``sgd`` or ``adamw``.
+        optimizer: ``sgd``, ``adam`` (``torch.optim.Adam``, weight decay as an L2 term in the
+            gradient) or ``adamw`` (decoupled weight decay).
         lr: learning rate of new parameters (attention and a new head).
         lr_pretrained: learning rate of pretrained parameters (``None``: same as ``lr``).
         momentum: SGD momentum.
@@ -113,7 +114,9 @@ class ClassifierModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of: sgd, adamw")
+            raise ValueError(
+                f"unknown optimizer {optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}"
+            )
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of: none, step, cosine")
         self.save_hyperparameters()
@@ -287,6 +290,8 @@ class ClassifierModule(L.LightningModule):
             opt: torch.optim.Optimizer = torch.optim.SGD(
                 groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
             )
+        elif hp.optimizer == "adam":
+            opt = torch.optim.Adam(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         else:
             opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.scheduler == "none":

@@ -15,7 +15,13 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 from attncam.models.attention import ATTENTION_KINDS, AttentionTap, make_attention
-from attncam.models.backbones import BackboneParts, get_builder
+from attncam.models.backbones import BackboneParts, get_builder, imagenet_categories
+from attncam.models.official import (
+    WEIGHTS_FORMATS,
+    check_official,
+    load_official,
+    use_official_modules,
+)
 from attncam.runtime import eval_mode
 
 PLACEMENTS = ("blocks", "last")
@@ -93,22 +99,47 @@ def _insert_after(root: nn.Module, dotted: str, name: str, module: nn.Module) ->
     return f"{parent_name}.{name}" if parent_name else name
 
 
+def _check_args(
+    attention: str, placement: str, num_classes: int, weights_format: str | None
+) -> None:
+    """Raise a ``ValueError`` naming the valid choices for a bad argument."""
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(
+            f"unknown attention {attention!r}; choose one of: {', '.join(ATTENTION_KINDS)}"
+        )
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose one of: blocks, last")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if weights_format not in WEIGHTS_FORMATS:
+        raise ValueError(
+            f"unknown weights_format {weights_format!r}; choose one of: null, cbam_official"
+        )
+
+
 class AttentionNet(nn.Module):
     """A registered backbone with optional attention, for fine-tuning and explanation.
 
     Args:
-        backbone: registry key, e.g. ``"resnet50"`` (see ``available_backbones()``).
+        backbone: registry key, e.g. ``"resnet50"`` (see ``available_backbones()``), or any timm
+            or torchvision CNN by name, ``"timm:<name>"`` / ``"tv:<name>"``
+            (:func:`~attncam.models.backbones.build_by_name`).
         num_classes: outputs of the new classifier; a pretrained head is kept only when it
             already has this many classes.
         attention: one of ``none, se, cbam, cbam_channel, cbam_spatial, bam``.
         placement: ``blocks`` (inside every residual block after the last BN, as in the CBAM
             paper; for BAM and non-residual families, after every stage) or ``last`` (one module
-            after the last stage).
+            after the last stage). A backbone built by name takes ``blocks`` only when attncam
+            knows its blocks (torchvision's ResNets); otherwise ``last``.
         reduction: channel MLP reduction ratio.
         kernel_size: CBAM spatial conv size.
         pretrained: load the backbone's ImageNet weights (torchvision's, or the bundled ones for
             ``efficientnet_lite0``).
-        weights: a local state-dict file to load instead.
+        weights: a local state-dict file to load instead, or a torchvision weights name
+            (``"IMAGENET1K_V1"``) to pin those weights.
+        weights_format: ``None`` (an attncam or torchvision state dict) or ``"cbam_official"``
+            (the CBAM authors' ImageNet checkpoints, :mod:`attncam.models.official`; the network
+            is then built as theirs, with their BAM gate).
 
     Attributes:
         cam_layer: dotted name of the default CAM layer (the last stage's output).
@@ -118,6 +149,8 @@ class AttentionNet(nn.Module):
         attention_names: dotted names of the inserted attention modules, in forward order.
         stage_attention_names: the last attention module of each stage, in order.
         class_names: the classes' names when known (ImageNet weights with their own head).
+        weights_id: identity of the loaded weights (e.g. ``"ResNet50_Weights.IMAGENET1K_V1"``,
+            ``"file:<path> sha256:<hex>"``), None when none were loaded.
     """
 
     def __init__(
@@ -130,21 +163,26 @@ class AttentionNet(nn.Module):
         kernel_size: int = 7,
         pretrained: bool = False,
         weights: str | None = None,
+        weights_format: str | None = None,
     ) -> None:
         super().__init__()
-        if attention not in ATTENTION_KINDS:
-            raise ValueError(
-                f"unknown attention {attention!r}; choose one of: {', '.join(ATTENTION_KINDS)}"
-            )
-        if placement not in PLACEMENTS:
-            raise ValueError(f"unknown placement {placement!r}; choose one of: blocks, last")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        parts: BackboneParts = get_builder(backbone)(pretrained, weights)
+        _check_args(attention, placement, num_classes, weights_format)
+        official = weights_format == "cbam_official"
+        if official:
+            check_official(backbone, attention, placement, reduction, kernel_size)
+            if pretrained and not weights:
+                raise ValueError(
+                    "weights_format='cbam_official' loads model.weights=PATH (the authors' "
+                    "checkpoint); set model.weights or model.pretrained=false"
+                )
+        build = get_builder(backbone)
+        parts: BackboneParts = build(pretrained and not official, None if official else weights)
         self.backbone_name = backbone
         self.attention_kind = attention
         self.placement = placement
+        self.weights_format = weights_format
         self.pretrained_loaded = parts.pretrained_loaded
+        self.weights_id = parts.weights_id
         self.normalize = Normalize(parts.mean, parts.std)
         self.features = parts.features
         self.head = parts.head
@@ -153,6 +191,7 @@ class AttentionNet(nn.Module):
         self.stage_names = [f"features.{s}" for s in parts.stages]
         self.cam_layer = self.stage_names[-1]
         self._new_prefixes: list[str] = []
+        self._probe_size = parts.probe_size
 
         self.class_names = parts.class_names
         self._fit_classifier(num_classes)
@@ -162,8 +201,21 @@ class AttentionNet(nn.Module):
             self._insert_attention(parts, attention, placement, reduction, kernel_size)
         last = list(self.features.named_children())[-1][0]
         self.head_input_layer = f"features.{last}"
+        if official:
+            use_official_modules(self)
+            if weights:
+                self._load_official(weights)
 
     # ------------------------------------------------------------------ building
+
+    def _load_official(self, weights: str) -> None:
+        """Load the CBAM authors' checkpoint: everything is pretrained but a refitted head."""
+        loaded, head = load_official(self, weights, self.classifier_name)
+        self.pretrained_loaded = True
+        self.weights_id = loaded.weights_id
+        self._new_prefixes = [] if head else [self.classifier_name]
+        if head:
+            self.class_names = imagenet_categories()
 
     def _fit_classifier(self, num_classes: int) -> None:
         old = self.get_submodule(self.classifier_name)
@@ -191,7 +243,7 @@ class AttentionNet(nn.Module):
         ]
         try:
             with eval_mode(self):
-                self.features(torch.zeros(1, 3, 64, 64))
+                self.features(torch.zeros(1, 3, self._probe_size, self._probe_size))
         finally:
             for h in handles:
                 h.remove()
@@ -200,6 +252,13 @@ class AttentionNet(nn.Module):
     def _insert_attention(
         self, parts: BackboneParts, kind: str, placement: str, reduction: int, kernel_size: int
     ) -> None:
+        if placement == "blocks" and not parts.blocks_placement:
+            raise ValueError(
+                f"placement='blocks' needs a backbone whose blocks attncam knows (the registered "
+                f"ones and torchvision's ResNets, tv:resnet*); {self.backbone_name!r} is built by "
+                "name: use model.placement=last (one attention module after the last spatial "
+                "feature map)"
+            )
         residual = placement == "blocks" and kind != "bam" and bool(parts.residual_blocks)
         if residual:
             blocks = [f"features.{b}" for s in parts.stages for b in parts.residual_blocks[s]]

@@ -12,8 +12,9 @@ _METHODS: dict[str, type[Method]] = {}
 # The order of the methods table in docs/METHODS.md, used by available_methods() and "all".
 ORDER = (
     "featuremap", "cam", "gradcam", "gradcampp", "smoothgradcampp", "xgradcam", "layercam",
-    "hirescam", "scacam", "scorecam", "ablationcam", "eigencam", "attention", "attention_guided",
-    "guided_backprop", "guided_gradcam", "occlusion",
+    "hirescam", "scacam", "scorecam", "sscam", "iscam", "ablationcam", "eigencam", "attention",
+    "attention_guided", "guided_backprop", "guided_gradcam", "occlusion", "integrated_gradients",
+    "smoothgrad", "input_x_gradient",
 )  # fmt: skip
 
 
@@ -55,7 +56,14 @@ def build_method(key: str, options: dict[str, Any] | None = None) -> Method:
 
 def _load() -> None:
     # Importing the modules registers their methods (kept lazy to avoid import cycles).
-    from attncam.explain.methods import activation, attention, gradient, guided, perturbation  # noqa: F401
+    from attncam.explain.methods import (  # noqa: F401
+        activation,
+        attention,
+        attribution,
+        gradient,
+        guided,
+        perturbation,
+    )
 
 
 __all__ = ["ORDER", "available_methods", "build_method", "get_method", "register_method"]
