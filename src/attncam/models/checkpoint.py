@@ -64,6 +64,7 @@ ARCHITECTURE_HPARAMS = (
     "placement",
     "reduction",
     "kernel_size",
+    "weights_format",  # cbam_official networks gate BAM as the authors' code does
 )
 
 

@@ -71,7 +71,9 @@ class ClassifierModule(L.LightningModule):
         reduction: channel MLP reduction ratio.
         kernel_size: CBAM spatial conv size.
         pretrained: load ImageNet weights when building (set False when restoring a checkpoint).
-        weights: a local state-dict file for the backbone.
+        weights: a local state-dict file for the backbone, or a torchvision weights name.
+        weights_format: ``None`` (attncam's keys) or ``cbam_official`` (the CBAM authors' released
+            ImageNet checkpoints, ``models.official``).
         optimizer: ``sgd``, ``adam`` (``torch.optim.Adam``, weight decay as an L2 term in the
             gradient) or ``adamw`` (decoupled weight decay).
         lr: learning rate of new parameters (attention and a new head).
@@ -98,6 +100,7 @@ class ClassifierModule(L.LightningModule):
         kernel_size: int = 7,
         pretrained: bool = False,
         weights: str | None = None,
+        weights_format: str | None = None,
         optimizer: str = "sgd",
         lr: float = 0.01,
         lr_pretrained: float | None = 0.001,
@@ -129,6 +132,7 @@ class ClassifierModule(L.LightningModule):
             kernel_size=kernel_size,
             pretrained=pretrained,
             weights=weights,
+            weights_format=weights_format,
         )
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -330,6 +334,7 @@ class ClassifierModule(L.LightningModule):
             value = getattr(self.net, attr, None)
             if value is not None:
                 meta[key] = [float(v) for v in value]
+        meta["weights_id"] = getattr(self.net, "weights_id", None)  # the weights training began from
         checkpoint[METADATA_KEY] = meta
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -127,14 +127,19 @@ def _backbone_model(cfg: DictConfig, name: Any) -> ModelInfo:
         check_model_weights(cfg)
     except ConfigError as err:
         raise ExplainInputError(str(err)) from None
+    attention, placement = str(name.get("attention", "none")), str(name.get("placement", "blocks"))
     net = AttentionNet(
-        str(name.backbone), 1000, attention="none", pretrained=pretrained, weights=weights
-    ).eval()
+        str(name.backbone), 1000, attention=attention, placement=placement, pretrained=pretrained,
+        weights=weights, weights_format=name.get("weights_format"),
+    ).eval()  # fmt: skip
     source = "pretrained" if pretrained or weights is not None else "random"
     if source == "random":
         log.warning("explaining model=%s with random weights (allow_random_weights=true)",
                     name.backbone)  # fmt: skip
-    hparams = {"backbone": str(name.backbone), "attention": "none", "num_classes": 1000}
+    hparams = {
+        "backbone": str(name.backbone), "attention": attention, "placement": placement,
+        "num_classes": 1000, "weights_id": net.weights_id,
+    }  # fmt: skip
     if weights is not None:
         hparams["weights"] = str(weights)
     return ModelInfo(

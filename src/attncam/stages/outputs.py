@@ -380,6 +380,8 @@ def build_manifest(
         "checkpoint": model.checkpoint,
         "checkpoint_sha256": model.checkpoint_sha256,
         "source": model.source,
+        "weights_id": getattr(model.net, "weights_id", None),
+        "weights_format": getattr(model.net, "weights_format", None),
         "model": model.hparams,
         "layer": module.explainer.layers,
         "methods": module.explainer.names,

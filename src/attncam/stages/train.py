@@ -164,6 +164,7 @@ def _results(
         "attention": module.hparams.attention,
         "placement": module.hparams.placement,
         "epochs": trainer.current_epoch,
+        "weights_id": module.net.weights_id,  # the pretrained weights training began from
     }
     results.update(_metrics_over_processes(trainer, ("val/", "train/")))
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
