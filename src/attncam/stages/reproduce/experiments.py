@@ -148,8 +148,16 @@ def run_data_cfg(run: Mapping[str, Any], ckpt: Path) -> dict[str, Any]:
     return run["manifest"]["config"].get("data") or train_data_cfg(ckpt)
 
 
-def load_images(data_cfg: Mapping[str, Any], split: str, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The first ``n`` explain items of a split.
+def run_ids(run: Mapping[str, Any]) -> list[int] | None:
+    """The image ids an explain run explained, in order (``image_ids.json``; None if absent)."""
+    path = Path(run["output_dir"]) / "image_ids.json"
+    return [int(i) for i in json.loads(path.read_text())] if path.is_file() else None
+
+
+def load_images(
+    data_cfg: Mapping[str, Any], split: str, n: int, ids: Sequence[int] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The first ``n`` explain items of a split, or of ``ids`` (an explain run's images).
 
     Returns:
         Images ``(N, 3, H, W)``, labels ``(N,)`` and masks ``(N, H, W)`` (bool).
@@ -158,8 +166,8 @@ def load_images(data_cfg: Mapping[str, Any], split: str, n: int) -> tuple[Tensor
     dm.prepare_data()
     dm.setup("test")
     ds = dm.explain_dataset(split)
-    n = min(n, len(ds))
-    items = [ds[i] for i in range(n)]
+    order = list(ids) if ids is not None else list(range(len(ds)))
+    items = [ds[i] for i in order[: min(n, len(order))]]
     return (
         torch.stack([it[0] for it in items]),
         torch.tensor([int(it[1]) for it in items]),
@@ -371,7 +379,9 @@ def stage_percentage_variants(
     with timer.stage(f"percentage-in variants {family}"):
         net = load_classifier(str(ckpt)).net.eval()
         split = manifest["config"].get("split", "test")
-        images, labels, _ = load_images(run_data_cfg(run, ckpt), split, int(manifest["n_images"]))
+        images, labels, _ = load_images(
+            run_data_cfg(run, ckpt), split, int(manifest["n_images"]), run_ids(run)
+        )
         maps = load_maps(Path(run["output_dir"]), methods)
         protocol = EvalProtocol.from_dict(manifest["protocol"])
         eng = Perturber(net, protocol, chunk_size=64, optimize=True)
@@ -439,7 +449,7 @@ def stage_scacam_grid(run: dict[str, Any], ckpt: Path, figures: Path, rows: int)
     """featuremap vs CAM vs Grad-CAM vs SCA-CAM on the same images; CAM == Grad-CAM check."""
     maps = load_maps(Path(run["output_dir"]), SCACAM_METHODS)
     split = run["manifest"]["config"].get("split", "test")
-    images, _, masks = load_images(run_data_cfg(run, ckpt), split, rows)
+    images, _, masks = load_images(run_data_cfg(run, ckpt), split, rows, run_ids(run))
     explanation_grid(
         images,
         {n: m[:rows] for n, m in maps.items()},
