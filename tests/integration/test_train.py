@@ -27,7 +27,11 @@ def _options(group: str) -> list[str]:
     + ["experiment=an2022", "experiment=demo"],
 )  # fmt: skip
 def test_every_config_option_composes_and_instantiates(override: str) -> None:
-    cfg = compose("train", [override])
+    # model=by_name is a template: its backbone (timm:<name> or tv:<name>) is mandatory.
+    extra = (
+        ["model.backbone=tv:resnet18", "model.pretrained=false"] if "by_name" in override else []
+    )
+    cfg = compose("train", [override, *extra])
     assert cfg.model.backbone and cfg.model.attention
     dm = instantiate(cfg.data)  # constructing touches no disk
     assert hasattr(dm, "train_dataloader")
@@ -145,8 +149,8 @@ def test_bad_override_values_name_the_choices(tmp_path: Path, cache_dir: str) ->
     cfg = _train_cfg(tmp_path, cache_dir, ["model.attention=cbm"])
     with pytest.raises(ValueError, match="unknown attention 'cbm'; choose one of"):
         train_stage.build_module(cfg, 3)
-    cfg = _train_cfg(tmp_path, cache_dir, ["optim.optimizer=adam"])
-    with pytest.raises(ValueError, match="unknown optimizer 'adam'; choose one of: sgd, adamw"):
+    cfg = _train_cfg(tmp_path, cache_dir, ["optim.optimizer=adagrad"])
+    with pytest.raises(ValueError, match="unknown optimizer 'adagrad'; choose one of: sgd, adam"):
         train_stage.build_module(cfg, 3)
 
 

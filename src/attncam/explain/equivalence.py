@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from attncam.explain import model_api
 from attncam.explain.methods.base import Method, default_layers
 
 if TYPE_CHECKING:
@@ -60,9 +61,9 @@ def gap_fc_layers(model: nn.Module, head_input_layer: str | None = None) -> set[
         the ``Sequential`` children it ends with); empty when the model names no such layer.
     """
     if head_input_layer is None:
-        if getattr(model, "gap_fc", None) is not True:
+        if model_api.gap_fc(model) is not True:
             return set()
-        head_input_layer = getattr(model, "head_input_layer", None)
+        head_input_layer = model_api.head_input_layer(model)
         if not head_input_layer:
             return set()
     names = {head_input_layer}
@@ -87,7 +88,7 @@ def _sign(m: Method) -> int:
 
 def _own_classifier(m: Method, model: nn.Module) -> bool:
     given = m.options.get("classifier")
-    return given is None or given == getattr(model, "classifier_name", given)
+    return given is None or given == (model_api.classifier_name(model) or given)
 
 
 def _form(m: Method, model: nn.Module, layers: list[str], gap: set[str]) -> Hashable | None:
@@ -183,7 +184,7 @@ def log_groups(
     """Log the groups once at INFO, naming the pooled layer (nothing when there are none)."""
     if not groups:
         return
-    where = head_input_layer or getattr(model, "head_input_layer", None) or "the pooled layer"
+    where = head_input_layer or model_api.head_input_layer(model) or "the pooled layer"
     log.info(
         "methods identical by construction at %s, which feeds global average pooling and one "
         "linear layer: %s (one piece of evidence each, not several)",

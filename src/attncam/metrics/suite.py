@@ -268,7 +268,8 @@ METRIC_KINDS["grid_pointing_game"] = MetricKind(
 )
 
 #: Metric keys accepted in ``conf/metrics/*.yaml`` ``enabled`` lists.
-METRIC_KEYS: tuple[str, ...] = tuple(METRIC_KINDS)
+#: (grid_pointing_game is not among them: it runs in its own pass, metrics.grid_pointing.)
+METRIC_KEYS: tuple[str, ...] = tuple(k for k in METRIC_KINDS if k != "grid_pointing_game")
 
 
 def check_metric_keys(keys: Sequence[str]) -> list[str]:
@@ -296,8 +297,7 @@ def _config_parts(cfg: Mapping[str, Any]) -> tuple[EvalProtocol, list[str], dict
     """Protocol, enabled keys (default: all) and settings of a ``conf/metrics`` mapping."""
     protocol = EvalProtocol.from_dict(dict(cfg.get("protocol") or {}))
     enabled = cfg.get("enabled")
-    every = [k for k in METRIC_KEYS if k != "grid_pointing_game"]  # that one needs grids
-    keys = check_metric_keys(list(every if enabled is None else enabled))
+    keys = check_metric_keys(list(METRIC_KEYS if enabled is None else enabled))
     settings = {k: cfg[k] for k in SETTING_KEYS if k in cfg and cfg[k] is not None}
     return protocol, keys, settings
 
