@@ -366,3 +366,111 @@ def test_grid_pointing_game_pass(checkpoint: Path, tmp_path: Path) -> None:
     gc = table["gradcam"]["grid_pointing_game"]
     assert gc["n"] + sum(gc["skipped"].values()) == 24  # 6 grids x 4 classes, each accounted for
     assert "grid pointing game" in (out / "metrics.md").read_text()
+
+
+# --------------------------------------------------------------------- issue 17: target=, maps
+
+
+def _predictions(out: Path) -> list[dict]:
+    return json.loads((out / "predictions.json").read_text())
+
+
+def _methods(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())["methods"]
+
+
+_TARGET_RUN = ["limit=6", "batch_size=4", "method=[gradcam,gradcampp]",
+               "metrics.enabled=[average_drop,increase_in_confidence,deletion_insertion]"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def default_target_run(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run with the protocol's target (the prediction), the reference of the target tests."""
+    out = tmp_path_factory.mktemp("target") / "default"
+    explain_stage.run(_explain_cfg(out, [f"ckpt={checkpoint}", *_TARGET_RUN]))
+    return out
+
+
+def test_target_top1_and_a_list_of_the_predictions_reproduce_the_default(
+    checkpoint: Path, default_target_run: Path, tmp_path: Path
+) -> None:
+    ref = _predictions(default_target_run)
+    assert [r["target"] for r in ref] == [r["predicted"] for r in ref]
+    assert (
+        "Explained class: the protocol's target" in (default_target_run / "metrics.md").read_text()
+    )
+    predicted = "[" + ",".join(str(r["predicted"]) for r in ref) + "]"
+    for name, value in (("top1", "top1"), ("list", predicted)):
+        out = tmp_path / name
+        explain_stage.run(
+            _explain_cfg(out, [f"ckpt={checkpoint}", f"target={value}", *_TARGET_RUN])
+        )
+        assert _methods(out) == _methods(default_target_run), name  # identity: same class
+        assert [r["target"] for r in _predictions(out)] == [r["predicted"] for r in ref]
+
+
+def test_target_by_index_name_and_rank_drives_maps_metrics_and_tables(
+    checkpoint: Path, default_target_run: Path, tmp_path: Path
+) -> None:
+    ref = _predictions(default_target_run)
+    out = tmp_path / "index"
+    explain_stage.run(_explain_cfg(out, [f"ckpt={checkpoint}", "target=3", *_TARGET_RUN]))
+    rows = _predictions(out)
+    from attncam.data.synthetic import class_names
+
+    assert {r["target"] for r in rows} == {3}
+    assert {r["target_name"] for r in rows} == {class_names(8)[3]}
+    md = (out / "metrics.md").read_text()
+    assert "Explained class: " in md and "(class 3)" in md
+    # The metrics score class 3, not the prediction: images predicted as 3 are unchanged, the
+    # others change (Average Drop of a non-predicted class differs).
+    assert not all(r["predicted"] == 3 for r in ref)
+    ad = _methods(out)["gradcam"]["average_drop"]["value"]
+    assert ad != _methods(default_target_run)["gradcam"]["average_drop"]["value"]
+    name = rows[0]["target_name"]
+    by_name = tmp_path / "name"
+    explain_stage.run(
+        _explain_cfg(by_name, [f"ckpt={checkpoint}", f"target={name.upper()}", *_TARGET_RUN])
+    )
+    assert _methods(by_name) == _methods(out)  # the name is class 3, case-blind
+    top2 = tmp_path / "top2"
+    explain_stage.run(_explain_cfg(top2, [f"ckpt={checkpoint}", "target=top2", *_TARGET_RUN]))
+    rows2 = _predictions(top2)
+    assert all(r["target"] == r["top5"][1][0] != r["predicted"] for r in rows2)
+    assert (
+        "Explained class: the model's prediction ranked 2 (top2)"
+        in (top2 / "metrics.md").read_text()
+    )
+
+
+def test_target_errors_name_the_bad_value(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown class name 'disc_stripe'; close matches: disc_"):
+        explain_stage.run(
+            _explain_cfg(tmp_path / "a", [f"ckpt={checkpoint}", "target=disc_stripe", *_TARGET_RUN])
+        )
+    with pytest.raises(ValueError, match="target lists 2 classes but 6 images are explained"):
+        explain_stage.run(
+            _explain_cfg(tmp_path / "b", [f"ckpt={checkpoint}", "target=[1,2]", *_TARGET_RUN])
+        )
+    with pytest.raises(ValueError, match=r"target class\(es\) \[99\] out of range; choose 0\.\.7"):
+        explain_stage.run(
+            _explain_cfg(tmp_path / "c", [f"ckpt={checkpoint}", "target=99", *_TARGET_RUN])
+        )
+
+
+def test_explained_target_rescores_the_base_scores() -> None:
+    from attncam.metrics.perturb import BaseScores
+    from attncam.stages.explain_module import TargetChoice, target_choice
+
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])
+    base = BaseScores(
+        torch.tensor([0.0, 0.0]), logits.argmax(1), torch.ones(2, dtype=torch.bool),
+        logits.argmax(1), logits,
+    )  # fmt: skip
+    ids = torch.tensor([10, 11])
+    assert TargetChoice(kind="rank", rank=2).targets(ids, base).tolist() == [2, 2]
+    assert TargetChoice(kind="rank", rank=3).targets(ids, base).tolist() == [1, 0]
+    choice = target_choice(["b", 0], ["a", "b", "c"], [10, 11])
+    assert choice.targets(ids, base).tolist() == [1, 0]
+    assert target_choice("C", ["a", "b", "c"], [10, 11]).cls == 2
+    assert target_choice(None, None, []).kind == "protocol"

@@ -106,6 +106,9 @@ def _markdown(
         "",
         "Protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()),
         "",
+        f"Explained class: {extra.get('explained_class') or 'the protocol target'} "
+        "(per image: the target column of predictions.json).",
+        "",
         "| method | " + " | ".join(_label(c) for c in columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
@@ -255,6 +258,7 @@ def write_predictions(
                 "index": i,
                 "file": paths[i] if paths and i < len(paths) else None,
                 **rec,
+                "target_name": _class_name(rec["target"], class_names),
                 "top5_names": [class_names[c] if class_names else str(c) for c, _ in rec["top5"]],
             }
         )
