@@ -81,7 +81,8 @@ def test_all_methods_run_and_every_applicable_one_is_reported(
     assert res["skipped_methods"] == []
     maps = __import__("numpy").load(out / "maps.npz")
     baselines = json.loads((out / "metrics.json").read_text())["baselines"]
-    assert len(maps.files) == len(res["methods"]) + len(baselines)
+    meta = ["ids", "targets", "labels", "predictions", "files"]  # issue 17 item 9
+    assert len(maps.files) == len(res["methods"]) + len(baselines) + len(meta)
 
 
 def test_inapplicable_methods_are_skipped_and_reported_or_strict(
@@ -474,3 +475,52 @@ def test_explained_target_rescores_the_base_scores() -> None:
     assert choice.targets(ids, base).tolist() == [1, 0]
     assert target_choice("C", ["a", "b", "c"], [10, 11]).cls == 2
     assert target_choice(None, None, []).kind == "protocol"
+
+
+def test_saved_maps_carry_ids_targets_labels_predictions_and_files(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    out = tmp_path / "split"
+    explain_stage.run(
+        _explain_cfg(out, [f"ckpt={checkpoint}", "save_maps=true", "target=top2", *_TARGET_RUN])
+    )
+    z = np.load(out / "maps.npz")
+    preds = _predictions(out)
+    assert z["gradcam"].dtype == np.float32 and z["gradcam"].shape[0] == 6
+    assert z["ids"].tolist() == [r["id"] for r in preds]
+    assert z["ids"].tolist() == json.loads((out / "image_ids.json").read_text())
+    assert z["targets"].tolist() == [r["target"] for r in preds]
+    assert z["targets"].tolist() != z["predictions"].tolist()  # top2 is not the prediction
+    assert z["predictions"].tolist() == [r["predicted"] for r in preds]
+    assert z["labels"].tolist() == [r["label"] for r in preds] and min(z["labels"]) >= 0
+    assert z["files"].tolist() == [""] * 6  # a dataset split has no files
+    assert z["files"].dtype.kind == "U"  # loads without allow_pickle
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), 60 * i).save(images / f"img{i}.png")
+    half = tmp_path / "half"
+    explain_stage.run(
+        _explain_cfg(
+            half,
+            [
+                f"ckpt={checkpoint}",
+                f"images={images}",
+                "method=gradcam",
+                "save_maps=true",
+                "save_maps_dtype=float16",
+                "metrics.enabled=[average_drop]",
+            ],
+        )  # fmt: skip
+    )
+    z = np.load(half / "maps.npz")
+    assert z["gradcam"].dtype == np.float16
+    assert sorted(Path(f).name for f in z["files"]) == ["img0.png", "img1.png", "img2.png"]
+    assert z["labels"].tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="unknown save_maps_dtype 'int8'; choose one of: float32"):
+        explain_stage.run(
+            _explain_cfg(tmp_path / "bad", [f"ckpt={checkpoint}", "save_maps_dtype=int8"])
+        )

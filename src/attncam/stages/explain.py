@@ -156,7 +156,7 @@ def _write_outputs(
         log.info("sanity check (cascading randomisation) written to %s", out / "sanity.json")
     class_names = data.class_names or model.class_names
     files += write_figures(out, module, results, class_names, int(cfg.get("top", 5)))
-    files += write_maps(out, module)
+    files += write_maps(out, module, data.paths)
     files += write_predictions(out, module, data.paths, class_names)
     if run.get("per_image") is not None:
         ids = [r["id"] for r in module.records]
@@ -219,6 +219,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         save_maps=bool(cfg.get("save_maps", False)), baselines=plan["baselines"],
         grid=plan["grid"], seed=int(cfg.get("seed", 0)),
         target=target_choice(cfg.get("target"), model.class_names or data.class_names, plan["ids"]),
+        maps_dtype=str(cfg.get("save_maps_dtype", "float32")),
     )  # fmt: skip
     loggers = build_loggers(cfg, out)
     trainer = _trainer(cfg, out, loggers)

@@ -58,6 +58,10 @@ class WithIds(Dataset):
         return [*collate(items), torch.tensor(ids, dtype=torch.long)]
 
 
+#: ``save_maps_dtype`` choices.
+MAPS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
 def _norm(name: str) -> str:
     """A class name compared case- and separator-blind (``Tiger Cat`` = ``tiger_cat``)."""
     return re.sub(r"[\s_\-]+", "_", name.strip().lower())
@@ -250,6 +254,7 @@ class ExplainModule(L.LightningModule):
         metrics_cfg: the ``metrics`` config (protocol, enabled metrics, settings).
         keep_rows: images kept (on rank 0) for the figure grid.
         save_maps: keep every map for ``maps.npz``.
+        maps_dtype: ``float32`` (default) or ``float16`` (half the size) for the kept maps.
         baselines: baseline maps scored beside the methods (``attncam.metrics.baselines``).
         grid: ``(h, w)`` of the CAM layer, the resolution of the random and oracle baselines.
         seed: seed of the random baseline.
@@ -268,8 +273,14 @@ class ExplainModule(L.LightningModule):
         grid: tuple[int, int] = (7, 7),
         seed: int = 0,
         target: TargetChoice | None = None,
+        maps_dtype: str = "float32",
     ) -> None:
         super().__init__()
+        if maps_dtype not in MAPS_DTYPES:
+            raise ValueError(
+                f"unknown save_maps_dtype {maps_dtype!r}; choose one of: {', '.join(MAPS_DTYPES)}"
+            )
+        self.maps_dtype = MAPS_DTYPES[maps_dtype]
         self.target = target or TargetChoice()
         self.net = net
         self.explainer = Explainer(net, specs, layer=layer)
@@ -326,7 +337,7 @@ class ExplainModule(L.LightningModule):
         self.rows.add(images, masks, maps, records)
         if self.save_maps:
             for n in self.names:
-                self.all_maps[n].append(maps[n].half().cpu())
+                self.all_maps[n].append(maps[n].detach().to("cpu", self.maps_dtype))
 
     def _explained_target(self, base: Any, ids: torch.Tensor) -> Any:
         """``base`` with the chosen targets, and their scores, so maps and metrics agree."""

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -238,12 +239,31 @@ def write_figures(
     return paths
 
 
-def write_maps(out: Path, module: ExplainModule) -> list[Path]:
-    """``maps.npz`` (float16, one array per method under its slug) when maps were kept."""
+def write_maps(out: Path, module: ExplainModule, paths: list[str] | None = None) -> list[Path]:
+    """``maps.npz`` when maps were kept: one ``(N, H, W)`` array per method under its slug.
+
+    Beside the maps, in the same image order: ``ids`` (image ids, the keys of
+    ``per_image.json``), ``targets`` (the class each map explains), ``labels`` (-1: none),
+    ``predictions`` (top-1) and ``files`` (the image file, ``""`` for a dataset split), each
+    ``(N,)``. Maps are float32 unless ``save_maps_dtype=float16``.
+    """
     if not (module.save_maps and any(module.all_maps.values())):
         return []
     arrays = {slug(n): torch.cat(v).numpy() for n, v in module.all_maps.items() if v}
-    return [save_npz_atomic(out / "maps.npz", **arrays)]
+    recs = module.records
+    meta = {
+        "ids": np.array([r["id"] for r in recs], dtype=np.int64),
+        "targets": np.array([r["target"] for r in recs], dtype=np.int64),
+        "labels": np.array([r["label"] for r in recs], dtype=np.int64),
+        "predictions": np.array([r["predicted"] for r in recs], dtype=np.int64),
+        "files": np.array(
+            [paths[r["id"]] if paths and r["id"] < len(paths) else "" for r in recs], dtype=str
+        ),
+    }
+    clash = sorted(set(meta) & set(arrays))
+    if clash:
+        raise ValueError(f"maps.npz: method slug(s) {clash} clash with the metadata arrays")
+    return [save_npz_atomic(out / "maps.npz", **arrays, **meta)]
 
 
 def write_predictions(
