@@ -524,3 +524,41 @@ def test_saved_maps_carry_ids_targets_labels_predictions_and_files(
         explain_stage.run(
             _explain_cfg(tmp_path / "bad", [f"ckpt={checkpoint}", "save_maps_dtype=int8"])
         )
+
+
+def _r(value: float, low: float, high: float, n: int = 10) -> dict:
+    return {"value": value, "low": low, "high": high, "n": n}
+
+
+def test_metrics_md_units_square_win_matrix_and_one_skip_line_per_reason(tmp_path: Path) -> None:
+    from attncam.stages.outputs import write_tables
+
+    results = {
+        "gradcam": {"average_drop": _r(10.0, 8.0, 12.0), "deletion": _r(0.2, 0.1, 0.3),
+                    "win_vs_gradcampp": _r(70.0, 60.0, 80.0), "win_vs_layercam": _r(40.0, 30.0, 50.0)},
+        "gradcampp": {"average_drop": _r(20.0, 18.0, 22.0), "deletion": _r(0.3, 0.2, 0.4),
+                      "win_vs_layercam": _r(55.0, 45.0, 65.0)},
+        "layercam": {"average_drop": _r(5.0, 4.0, 6.0), "deletion": _r(0.1, 0.0, 0.2)},
+    }  # fmt: skip
+    reason = "the model has no CBAM module"
+    skipped = [{"method": "attention_guided", "options": o, "reason": reason} for o in "abc"]
+    skipped.append({"method": "cam", "options": "{}", "reason": "no GAP -> FC head"})
+    extra = {"model": "tiny", "images": 10, "skipped_methods": skipped, "explained_class": "top2"}
+    write_tables(tmp_path, results, {"score": "softmax"}, extra)
+    md = (tmp_path / "metrics.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method |"))
+    assert header == "| method | average drop (%, lower better) | deletion (AUC, lower better) |"
+    assert "win vs" not in md and "n/a" not in md  # no triangular n/a-padded win columns
+    assert "Row beats column on Average Drop, % of images; ties count half" in md
+    assert "drop of the explained class's score, Y - O" in md  # which per-image score decides
+    assert "| row beats column | gradcam | gradcampp | layercam |" in md
+    # the stored order, and its complement 100 - v with the interval flipped
+    assert "| gradcam | - | 70.0 [60.0, 80.0] | 40.0 [30.0, 50.0] |" in md
+    assert "| gradcampp | 30.0 [20.0, 40.0] | - | 55.0 [45.0, 65.0] |" in md
+    assert "| layercam | 60.0 [50.0, 70.0] | 45.0 [35.0, 55.0] | - |" in md
+    assert md.count(reason) == 1 and f"- attention_guided (3 variants): {reason}" in md
+    assert "- cam: no GAP -> FC head" in md
+    assert "Explained class: top2" in md
+    table = json.loads((tmp_path / "metrics.json").read_text())
+    assert table["methods"]["gradcam"]["win_vs_gradcampp"]["value"] == 70.0  # json keeps win_vs
+    assert "win_vs_gradcampp" in (tmp_path / "metrics.csv").read_text().splitlines()[0]

@@ -68,9 +68,35 @@ def metric_order(c: str) -> tuple[int, float, str]:
     return len(_ORDER), num, c
 
 
+#: (unit, better) of each metric family, by key prefix (docs/METHODS.md, the metrics table).
+#: Longer prefixes first: ``insertion_start`` before ``insertion``, ``lerf_minus_morf`` first.
+_UNITS: tuple[tuple[str, str, str], ...] = (
+    ("average_drop", "%", "lower"),
+    ("increase_in_confidence", "%", "higher"),
+    ("percentage_in", "%", "higher"),
+    ("kept_fraction", "fraction of pixels", ""),
+    ("energy_pointing_game", "%", "higher"),
+    ("grid_pointing_game", "%", "higher"),
+    ("pointing_game", "%", "higher"),
+    ("mask_iou", "IoU", "higher"),
+    ("box_accuracy", "%", "higher"),
+    ("deletion", "AUC", "lower"),
+    ("insertion_start", "score", ""),
+    ("insertion", "AUC", "higher"),
+    ("lerf_minus_morf", "score", "higher"),
+    ("morf", "score", "lower"),
+    ("lerf", "score", "higher"),
+    ("occlusion_faithfulness", "Spearman rho", "higher"),
+    ("win_vs", "%", "higher"),
+)
+
+
 def _label(c: str) -> str:
-    arrow = " (lower better)" if c in LOWER_IS_BETTER else ""
-    return c.replace("_", " ") + arrow
+    """A column header with its unit and direction, e.g. ``average drop (%, lower better)``."""
+    for prefix, unit, better in _UNITS:
+        if c.startswith(prefix):
+            return c.replace("_", " ") + f" ({unit}{f', {better} better' if better else ''})"
+    return c.replace("_", " ")
 
 
 def _digits(c: str) -> int:
@@ -98,6 +124,7 @@ def _markdown(
     results: Results, columns: list[str], protocol: Mapping[str, Any], extra: Mapping[str, Any]
 ) -> str:
     n_images = max((r.get("n") or 0 for row in results.values() for r in row.values()), default=0)
+    main = [c for c in columns if not c.startswith("win_vs_")]
     lines = [
         "# Explanation metrics",
         "",
@@ -110,20 +137,78 @@ def _markdown(
         f"Explained class: {extra.get('explained_class') or 'the protocol target'} "
         "(per image: the target column of predictions.json).",
         "",
-        "| method | " + " | ".join(_label(c) for c in columns) + " |",
-        "|---|" + "---|" * len(columns),
+        "| method | " + " | ".join(_label(c) for c in main) + " |",
+        "|---|" + "---|" * len(main),
     ]
     roles = {**{b: " *(baseline)*" for b in extra.get("baselines") or []},
              **{c: " *(control)*" for c in extra.get("controls") or []}}  # fmt: skip
     for method, row in results.items():
-        cells = " | ".join(fmt(row.get(c), _digits(c)) for c in columns)
+        cells = " | ".join(fmt(row.get(c), _digits(c)) for c in main)
         lines.append(f"| {method}{roles.get(method, '')} | {cells} |")
     lines += _role_notes(extra)
-    skipped = extra.get("skipped_methods") or []
-    if skipped:
-        lines += ["", "Skipped methods (not applicable to this model):", ""]
-        lines += [f"- {s['method']}: {s['reason']}" for s in skipped]
+    lines += win_matrix(results)
+    lines += skipped_lines(extra.get("skipped_methods") or [])
     return "\n".join(lines) + "\n"
+
+
+def win_matrix(results: Results) -> list[str]:
+    """The Win % section of ``metrics.md``: a square matrix, row beats column (or ``[]``).
+
+    ``win_vs_<b>`` of row ``a`` is stored for one order of each pair; the other order is its
+    complement ``100 - v`` (a tie counts half to each side, so the two add up to 100 on the same
+    images; docs/METHODS.md, Win %). Pairs never scored (identical maps, baselines) show ``-``.
+    """
+    win = {
+        (a, c.removeprefix("win_vs_")): r
+        for a, row in results.items()
+        for c, r in row.items()
+        if c.startswith("win_vs_") and r and r.get("value") is not None
+    }
+    if not win:
+        return []
+    names = [n for n in results if any(n in pair for pair in win)]
+
+    def cell(a: str, b: str) -> str:
+        if a == b:
+            return "-"
+        if (a, b) in win:
+            return fmt(win[(a, b)], 1)
+        r = win.get((b, a))
+        if r is None:
+            return "-"
+        lo, hi = r.get("low"), r.get("high")
+        flipped = {"value": 100.0 - r["value"], "low": None if hi is None else 100.0 - hi,
+                   "high": None if lo is None else 100.0 - lo}  # fmt: skip
+        return fmt(flipped, 1)
+
+    lines = [
+        "",
+        "## Win %",
+        "",
+        "Row beats column on Average Drop, % of images; ties count half. A win is decided per "
+        "image by the drop of the explained class's score, Y - O (the smaller drop wins; "
+        "docs/METHODS.md, Win %). 95% intervals as above; `-`: not compared.",
+        "",
+        "| row beats column | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    lines += [f"| {a} | " + " | ".join(cell(a, b) for b in names) + " |" for a in names]
+    return lines
+
+
+def skipped_lines(skipped: list[Mapping[str, Any]]) -> list[str]:
+    """One line per (method, reason) of the skipped methods, with how many variants it covers."""
+    if not skipped:
+        return []
+    counts: dict[tuple[str, str], int] = {}
+    for s in skipped:
+        key = (str(s["method"]), str(s["reason"]))
+        counts[key] = counts.get(key, 0) + 1
+    lines = ["", "Skipped methods (not applicable to this model):", ""]
+    for (method, reason), n in counts.items():
+        variants = f" ({n} variants)" if n > 1 else ""
+        lines.append(f"- {method}{variants}: {reason}")
+    return lines
 
 
 def _role_notes(extra: Mapping[str, Any]) -> list[str]:
