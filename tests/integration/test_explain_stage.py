@@ -81,7 +81,8 @@ def test_all_methods_run_and_every_applicable_one_is_reported(
     assert res["skipped_methods"] == []
     maps = __import__("numpy").load(out / "maps.npz")
     baselines = json.loads((out / "metrics.json").read_text())["baselines"]
-    assert len(maps.files) == len(res["methods"]) + len(baselines)
+    meta = ["ids", "targets", "labels", "predictions", "files"]  # issue 17 item 9
+    assert len(maps.files) == len(res["methods"]) + len(baselines) + len(meta)
 
 
 def test_inapplicable_methods_are_skipped_and_reported_or_strict(
@@ -366,3 +367,198 @@ def test_grid_pointing_game_pass(checkpoint: Path, tmp_path: Path) -> None:
     gc = table["gradcam"]["grid_pointing_game"]
     assert gc["n"] + sum(gc["skipped"].values()) == 24  # 6 grids x 4 classes, each accounted for
     assert "grid pointing game" in (out / "metrics.md").read_text()
+
+
+# --------------------------------------------------------------------- issue 17: target=, maps
+
+
+def _predictions(out: Path) -> list[dict]:
+    return json.loads((out / "predictions.json").read_text())
+
+
+def _methods(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())["methods"]
+
+
+_TARGET_RUN = ["limit=6", "batch_size=4", "method=[gradcam,gradcampp]",
+               "metrics.enabled=[average_drop,increase_in_confidence,deletion_insertion]"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def default_target_run(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run with the protocol's target (the prediction), the reference of the target tests."""
+    out = tmp_path_factory.mktemp("target") / "default"
+    explain_stage.run(_explain_cfg(out, [f"ckpt={checkpoint}", *_TARGET_RUN]))
+    return out
+
+
+def test_target_top1_and_a_list_of_the_predictions_reproduce_the_default(
+    checkpoint: Path, default_target_run: Path, tmp_path: Path
+) -> None:
+    ref = _predictions(default_target_run)
+    assert [r["target"] for r in ref] == [r["predicted"] for r in ref]
+    assert (
+        "Explained class: the protocol's target" in (default_target_run / "metrics.md").read_text()
+    )
+    predicted = "[" + ",".join(str(r["predicted"]) for r in ref) + "]"
+    for name, value in (("top1", "top1"), ("list", predicted)):
+        out = tmp_path / name
+        explain_stage.run(
+            _explain_cfg(out, [f"ckpt={checkpoint}", f"target={value}", *_TARGET_RUN])
+        )
+        assert _methods(out) == _methods(default_target_run), name  # identity: same class
+        assert [r["target"] for r in _predictions(out)] == [r["predicted"] for r in ref]
+
+
+def test_target_by_index_name_and_rank_drives_maps_metrics_and_tables(
+    checkpoint: Path, default_target_run: Path, tmp_path: Path
+) -> None:
+    ref = _predictions(default_target_run)
+    out = tmp_path / "index"
+    explain_stage.run(_explain_cfg(out, [f"ckpt={checkpoint}", "target=3", *_TARGET_RUN]))
+    rows = _predictions(out)
+    from attncam.data.synthetic import class_names
+
+    assert {r["target"] for r in rows} == {3}
+    assert {r["target_name"] for r in rows} == {class_names(8)[3]}
+    md = (out / "metrics.md").read_text()
+    assert "Explained class: " in md and "(class 3)" in md
+    # The metrics score class 3, not the prediction: images predicted as 3 are unchanged, the
+    # others change (Average Drop of a non-predicted class differs).
+    assert not all(r["predicted"] == 3 for r in ref)
+    ad = _methods(out)["gradcam"]["average_drop"]["value"]
+    assert ad != _methods(default_target_run)["gradcam"]["average_drop"]["value"]
+    name = rows[0]["target_name"]
+    by_name = tmp_path / "name"
+    explain_stage.run(
+        _explain_cfg(by_name, [f"ckpt={checkpoint}", f"target={name.upper()}", *_TARGET_RUN])
+    )
+    assert _methods(by_name) == _methods(out)  # the name is class 3, case-blind
+    top2 = tmp_path / "top2"
+    explain_stage.run(_explain_cfg(top2, [f"ckpt={checkpoint}", "target=top2", *_TARGET_RUN]))
+    rows2 = _predictions(top2)
+    assert all(r["target"] == r["top5"][1][0] != r["predicted"] for r in rows2)
+    assert (
+        "Explained class: the model's prediction ranked 2 (top2)"
+        in (top2 / "metrics.md").read_text()
+    )
+
+
+def test_target_errors_name_the_bad_value(checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown class name 'disc_stripe'; close matches: disc_"):
+        explain_stage.run(
+            _explain_cfg(tmp_path / "a", [f"ckpt={checkpoint}", "target=disc_stripe", *_TARGET_RUN])
+        )
+    with pytest.raises(ValueError, match="target lists 2 classes but 6 images are explained"):
+        explain_stage.run(
+            _explain_cfg(tmp_path / "b", [f"ckpt={checkpoint}", "target=[1,2]", *_TARGET_RUN])
+        )
+    with pytest.raises(ValueError, match=r"target class\(es\) \[99\] out of range; choose 0\.\.7"):
+        explain_stage.run(
+            _explain_cfg(tmp_path / "c", [f"ckpt={checkpoint}", "target=99", *_TARGET_RUN])
+        )
+
+
+def test_explained_target_rescores_the_base_scores() -> None:
+    from attncam.metrics.perturb import BaseScores
+    from attncam.stages.explain_module import TargetChoice, target_choice
+
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])
+    base = BaseScores(
+        torch.tensor([0.0, 0.0]), logits.argmax(1), torch.ones(2, dtype=torch.bool),
+        logits.argmax(1), logits,
+    )  # fmt: skip
+    ids = torch.tensor([10, 11])
+    assert TargetChoice(kind="rank", rank=2).targets(ids, base).tolist() == [2, 2]
+    assert TargetChoice(kind="rank", rank=3).targets(ids, base).tolist() == [1, 0]
+    choice = target_choice(["b", 0], ["a", "b", "c"], [10, 11])
+    assert choice.targets(ids, base).tolist() == [1, 0]
+    assert target_choice("C", ["a", "b", "c"], [10, 11]).cls == 2
+    assert target_choice(None, None, []).kind == "protocol"
+
+
+def test_saved_maps_carry_ids_targets_labels_predictions_and_files(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    out = tmp_path / "split"
+    explain_stage.run(
+        _explain_cfg(out, [f"ckpt={checkpoint}", "save_maps=true", "target=top2", *_TARGET_RUN])
+    )
+    z = np.load(out / "maps.npz")
+    preds = _predictions(out)
+    assert z["gradcam"].dtype == np.float32 and z["gradcam"].shape[0] == 6
+    assert z["ids"].tolist() == [r["id"] for r in preds]
+    assert z["ids"].tolist() == json.loads((out / "image_ids.json").read_text())
+    assert z["targets"].tolist() == [r["target"] for r in preds]
+    assert z["targets"].tolist() != z["predictions"].tolist()  # top2 is not the prediction
+    assert z["predictions"].tolist() == [r["predicted"] for r in preds]
+    assert z["labels"].tolist() == [r["label"] for r in preds] and min(z["labels"]) >= 0
+    assert z["files"].tolist() == [""] * 6  # a dataset split has no files
+    assert z["files"].dtype.kind == "U"  # loads without allow_pickle
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), 60 * i).save(images / f"img{i}.png")
+    half = tmp_path / "half"
+    explain_stage.run(
+        _explain_cfg(
+            half,
+            [
+                f"ckpt={checkpoint}",
+                f"images={images}",
+                "method=gradcam",
+                "save_maps=true",
+                "save_maps_dtype=float16",
+                "metrics.enabled=[average_drop]",
+            ],
+        )  # fmt: skip
+    )
+    z = np.load(half / "maps.npz")
+    assert z["gradcam"].dtype == np.float16
+    assert sorted(Path(f).name for f in z["files"]) == ["img0.png", "img1.png", "img2.png"]
+    assert z["labels"].tolist() == [-1, -1, -1]
+    with pytest.raises(ValueError, match="unknown save_maps_dtype 'int8'; choose one of: float32"):
+        explain_stage.run(
+            _explain_cfg(tmp_path / "bad", [f"ckpt={checkpoint}", "save_maps_dtype=int8"])
+        )
+
+
+def _r(value: float, low: float, high: float, n: int = 10) -> dict:
+    return {"value": value, "low": low, "high": high, "n": n}
+
+
+def test_metrics_md_units_square_win_matrix_and_one_skip_line_per_reason(tmp_path: Path) -> None:
+    from attncam.stages.outputs import write_tables
+
+    results = {
+        "gradcam": {"average_drop": _r(10.0, 8.0, 12.0), "deletion": _r(0.2, 0.1, 0.3),
+                    "win_vs_gradcampp": _r(70.0, 60.0, 80.0), "win_vs_layercam": _r(40.0, 30.0, 50.0)},
+        "gradcampp": {"average_drop": _r(20.0, 18.0, 22.0), "deletion": _r(0.3, 0.2, 0.4),
+                      "win_vs_layercam": _r(55.0, 45.0, 65.0)},
+        "layercam": {"average_drop": _r(5.0, 4.0, 6.0), "deletion": _r(0.1, 0.0, 0.2)},
+    }  # fmt: skip
+    reason = "the model has no CBAM module"
+    skipped = [{"method": "attention_guided", "options": o, "reason": reason} for o in "abc"]
+    skipped.append({"method": "cam", "options": "{}", "reason": "no GAP -> FC head"})
+    extra = {"model": "tiny", "images": 10, "skipped_methods": skipped, "explained_class": "top2"}
+    write_tables(tmp_path, results, {"score": "softmax"}, extra)
+    md = (tmp_path / "metrics.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method |"))
+    assert header == "| method | average drop (%, lower better) | deletion (AUC, lower better) |"
+    assert "win vs" not in md and "n/a" not in md  # no triangular n/a-padded win columns
+    assert "Row beats column on Average Drop, % of images; ties count half" in md
+    assert "drop of the explained class's score, Y - O" in md  # which per-image score decides
+    assert "| row beats column | gradcam | gradcampp | layercam |" in md
+    # the stored order, and its complement 100 - v with the interval flipped
+    assert "| gradcam | - | 70.0 [60.0, 80.0] | 40.0 [30.0, 50.0] |" in md
+    assert "| gradcampp | 30.0 [20.0, 40.0] | - | 55.0 [45.0, 65.0] |" in md
+    assert "| layercam | 60.0 [50.0, 70.0] | 45.0 [35.0, 55.0] | - |" in md
+    assert md.count(reason) == 1 and f"- attention_guided (3 variants): {reason}" in md
+    assert "- cam: no GAP -> FC head" in md
+    assert "Explained class: top2" in md
+    table = json.loads((tmp_path / "metrics.json").read_text())
+    assert table["methods"]["gradcam"]["win_vs_gradcampp"]["value"] == 70.0  # json keeps win_vs
+    assert "win_vs_gradcampp" in (tmp_path / "metrics.csv").read_text().splitlines()[0]

@@ -150,3 +150,38 @@ def test_reuse_picks_up_finished_stages(tiny_out: Path, cache_dir: str) -> None:
     assert "explain tiny (every method)" in manifest["stages_seconds"]  # the recorded time
     again = json.loads((tiny_out / "docs" / "reproduction" / "significance.json").read_text())
     assert again == first
+
+
+def test_print_commands_prints_the_scale_asked_for(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 17 item 12: ``scale=cpu --print-commands`` printed the ImageNet commands."""
+    import shlex
+    import subprocess
+    import sys
+
+    from attncam.stages.reproduce.settings import compose_cfg
+
+    cli = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "scale=cpu", "--print-commands"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    lines = cli.stdout.splitlines()
+    assert lines[0].startswith("# scale=cpu")
+    commands = [shlex.split(line) for line in lines if line.startswith("python ")]
+    train = [c for c in commands if c[1] == "train.py"]
+    explain = [c for c in commands if c[1] == "explain.py"]
+    assert len(train) == 6 and len(explain) == 3  # resnet50, googlenet, vgg19 x none, cbam
+    assert "data=imagenet" not in cli.stdout and "trainer=gpu" not in cli.stdout
+    assert all("data.image_size=72" in c and "trainer.max_epochs=6" in c for c in train)
+    assert all("limit=40" in c for c in explain)
+    # every printed command composes (hydra.* is the CLI's run folder, not a config key)
+    for c in train + explain:
+        overrides = [o for o in c[2:] if not o.startswith("hydra.")]
+        cfg = compose_cfg(c[1].removesuffix(".py"), overrides)
+        assert cfg.threads == 2
+    beyond = compose_cfg("explain", [o for o in explain[0][2:] if "hydra." not in o])
+    assert {"gradcam", "scacam", "guided_gradcam"} <= set(beyond.method)
+    assert compose_cfg("train", [o for o in train[0][2:] if "hydra." not in o]).seed == 42
+    _script().main(["scale=imagenet", "--print-commands"])
+    imagenet = capsys.readouterr().out
+    assert "trainer=gpu" in imagenet and "data=imagenet" in imagenet and "limit=2000" in imagenet
+    assert "data.image_size=72" not in imagenet

@@ -30,7 +30,7 @@ from attncam.explain import result_name
 from attncam.io import write_json_atomic, write_text_atomic
 from attncam.stages import design
 from attncam.stages.common import build_loggers, task_wrapper
-from attncam.stages.explain_module import ExplainModule, ImagesPerSecondBar, WithIds
+from attncam.stages.explain_module import ExplainModule, ImagesPerSecondBar, WithIds, target_choice
 from attncam.stages.grid_pass import grid_pointing
 from attncam.stages.inputs import (
     DataInfo,
@@ -137,6 +137,7 @@ def _write_outputs(
         "skipped_files": data.skipped,
         "skipped_constant_channels": module.skipped_channels,
     }
+    extra["explained_class"] = module.target.text
     extra["baselines"] = run["plan"]["baselines"]
     extra["calibration"] = run["plan"]["calibration"]
     extra["identical_by_construction"] = module.explainer.equivalent_groups
@@ -155,7 +156,7 @@ def _write_outputs(
         log.info("sanity check (cascading randomisation) written to %s", out / "sanity.json")
     class_names = data.class_names or model.class_names
     files += write_figures(out, module, results, class_names, int(cfg.get("top", 5)))
-    files += write_maps(out, module)
+    files += write_maps(out, module, data.paths)
     files += write_predictions(out, module, data.paths, class_names)
     if run.get("per_image") is not None:
         ids = [r["id"] for r in module.records]
@@ -217,6 +218,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         model.net, specs, layer, metrics_cfg, keep_rows=int(cfg.get("figure_rows", 8)),
         save_maps=bool(cfg.get("save_maps", False)), baselines=plan["baselines"],
         grid=plan["grid"], seed=int(cfg.get("seed", 0)),
+        target=target_choice(cfg.get("target"), model.class_names or data.class_names, plan["ids"]),
+        maps_dtype=str(cfg.get("save_maps_dtype", "float32")),
     )  # fmt: skip
     loggers = build_loggers(cfg, out)
     trainer = _trainer(cfg, out, loggers)

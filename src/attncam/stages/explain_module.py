@@ -7,8 +7,12 @@ which perturbations the enabled metrics need and updates them. Batches carry ima
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -52,6 +56,118 @@ class WithIds(Dataset):
         items, ids = batch
         collate = getattr(self.dataset, "collate_fn", None) or default_collate
         return [*collate(items), torch.tensor(ids, dtype=torch.long)]
+
+
+#: ``save_maps_dtype`` choices.
+MAPS_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def _norm(name: str) -> str:
+    """A class name compared case- and separator-blind (``Tiger Cat`` = ``tiger_cat``)."""
+    return re.sub(r"[\s_\-]+", "_", name.strip().lower())
+
+
+@dataclass(frozen=True)
+class TargetChoice:
+    """Which class each map explains (``target=`` of the explain stage).
+
+    Attributes:
+        kind: ``protocol`` (the protocol's ``target``: predicted or label), ``class`` (one class
+            for every image), ``rank`` (the ``k``-th prediction) or ``per_image``.
+        cls: The class of ``kind="class"``.
+        rank: ``k`` of ``kind="rank"`` (1 = the top prediction).
+        by_id: Image id -> class for ``kind="per_image"``.
+        text: What the tables say, e.g. ``tiger_cat (class 281)``.
+    """
+
+    kind: str = "protocol"
+    cls: int = -1
+    rank: int = 0
+    by_id: dict[int, int] = field(default_factory=dict)
+    text: str = "the protocol's target"
+
+    def targets(self, ids: torch.Tensor, base: Any) -> torch.Tensor:
+        """``(B,)`` long target classes of a batch.
+
+        Args:
+            ids: ``(B,)`` image ids.
+            base: The batch's ``BaseScores`` (``targets`` of the protocol, ``logits (B, C)``).
+
+        Raises:
+            ValueError: On a class outside the model's ``C`` outputs or ``k > C``.
+        """
+        n_classes = int(base.logits.shape[1])
+        if self.kind == "protocol":
+            return base.targets
+        if self.kind == "rank":
+            if self.rank > n_classes:
+                raise ValueError(f"target=top{self.rank} but the model has {n_classes} classes")
+            return base.logits.topk(self.rank, dim=1).indices[:, self.rank - 1]
+        if self.kind == "class":
+            t = torch.full_like(base.targets, self.cls)
+        else:
+            t = torch.tensor([self.by_id[int(i)] for i in ids], device=base.targets.device)
+        bad = sorted({int(c) for c in t.tolist() if not 0 <= c < n_classes})
+        if bad:
+            raise ValueError(f"target class(es) {bad} out of range; choose 0..{n_classes - 1}")
+        return t.long()
+
+
+def _class_index(value: Any, names: Sequence[str] | None) -> int:
+    """A class index from an index or a class name (error: the close matches)."""
+    if isinstance(value, bool):
+        raise ValueError(f"target {value!r} is not a class index or name")
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        return int(value)
+    if not isinstance(value, str):
+        raise ValueError(f"target {value!r} is not a class index or name")
+    if not names:
+        raise ValueError(
+            f"target {value!r} is a class name but the model has no class names; give an index"
+        )
+    normed = [_norm(n) for n in names]
+    if _norm(value) in normed:
+        return normed.index(_norm(value))
+    close = difflib.get_close_matches(_norm(value), normed, n=5, cutoff=0.6)
+    hint = ", ".join(names[normed.index(c)] for c in close) or "none close"
+    raise ValueError(f"unknown class name {value!r}; close matches: {hint}")
+
+
+def _class_text(cls: int, names: Sequence[str] | None) -> str:
+    return f"{names[cls]} (class {cls})" if names and 0 <= cls < len(names) else f"class {cls}"
+
+
+def target_choice(
+    value: Any, class_names: Sequence[str] | None, ids: Sequence[int]
+) -> TargetChoice:
+    """Parse ``target=``: None, an index, a class name, ``topK`` or a list (one per image).
+
+    Args:
+        value: ``cfg.target``.
+        class_names: The model's class names (the checkpoint's, or ImageNet's when pretrained).
+        ids: The explained image ids, in order; a list target gives one class per id.
+
+    Raises:
+        ValueError: On an unknown name (listing close matches), ``top0``, or a list whose
+            length is not the number of explained images.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "null")):
+        return TargetChoice(text="the protocol's target (metrics.protocol.target)")
+    if isinstance(value, str) and re.fullmatch(r"top\d+", value.strip().lower()):
+        k = int(value.strip()[3:])
+        if k < 1:
+            raise ValueError(f"target {value!r}: k of topK starts at 1 (top1 = the prediction)")
+        return TargetChoice(kind="rank", rank=k, text=f"the model's prediction ranked {k} (top{k})")
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != len(ids):
+            raise ValueError(
+                f"target lists {len(value)} classes but {len(ids)} images are explained; "
+                "give one class per image (in image_ids.json order)"
+            )
+        by_id = {int(i): _class_index(v, class_names) for i, v in zip(ids, value, strict=True)}
+        return TargetChoice(kind="per_image", by_id=by_id, text="one class per image (a list)")
+    cls = _class_index(value, class_names)
+    return TargetChoice(kind="class", cls=cls, text=_class_text(cls, class_names))
 
 
 class ImagesPerSecondBar(TQDMProgressBar):
@@ -138,9 +254,11 @@ class ExplainModule(L.LightningModule):
         metrics_cfg: the ``metrics`` config (protocol, enabled metrics, settings).
         keep_rows: images kept (on rank 0) for the figure grid.
         save_maps: keep every map for ``maps.npz``.
+        maps_dtype: ``float32`` (default) or ``float16`` (half the size) for the kept maps.
         baselines: baseline maps scored beside the methods (``attncam.metrics.baselines``).
         grid: ``(h, w)`` of the CAM layer, the resolution of the random and oracle baselines.
         seed: seed of the random baseline.
+        target: which class each map explains (``target_choice``); None: the protocol's.
     """
 
     def __init__(
@@ -154,8 +272,16 @@ class ExplainModule(L.LightningModule):
         baselines: Sequence[str] = (),
         grid: tuple[int, int] = (7, 7),
         seed: int = 0,
+        target: TargetChoice | None = None,
+        maps_dtype: str = "float32",
     ) -> None:
         super().__init__()
+        if maps_dtype not in MAPS_DTYPES:
+            raise ValueError(
+                f"unknown save_maps_dtype {maps_dtype!r}; choose one of: {', '.join(MAPS_DTYPES)}"
+            )
+        self.maps_dtype = MAPS_DTYPES[maps_dtype]
+        self.target = target or TargetChoice()
         self.net = net
         self.explainer = Explainer(net, specs, layer=layer)
         self.baselines, self.grid, self.seed = list(baselines), grid, seed
@@ -201,7 +327,7 @@ class ExplainModule(L.LightningModule):
             bad = (~torch.isfinite(images.flatten(1))).any(1).nonzero().flatten().tolist()
             raise ValueError(f"images {bad} of batch {batch_idx} hold NaN or inf values")
         known = labels if bool((labels >= 0).all()) else None
-        base = self.suite.base_scores(images, known)
+        base = self._explained_target(self.suite.base_scores(images, known), ids)
         exp = self.explainer.explain(images, base.targets)
         self._count_skipped_channels(exp.extras)
         maps = {**exp.maps, **baseline_maps(self.baselines, masks, ids, self.grid, self.seed)}
@@ -211,7 +337,16 @@ class ExplainModule(L.LightningModule):
         self.rows.add(images, masks, maps, records)
         if self.save_maps:
             for n in self.names:
-                self.all_maps[n].append(maps[n].half().cpu())
+                self.all_maps[n].append(maps[n].detach().to("cpu", self.maps_dtype))
+
+    def _explained_target(self, base: Any, ids: torch.Tensor) -> Any:
+        """``base`` with the chosen targets, and their scores, so maps and metrics agree."""
+        if self.target.kind == "protocol":
+            return base
+        targets = self.target.targets(ids, base).to(base.targets.device)
+        assert self.suite.perturber is not None
+        scores = self.suite.perturber.scores(base.logits, targets)
+        return dataclasses.replace(base, targets=targets, scores=scores)
 
     def _count_skipped_channels(self, extras: Mapping[str, Any]) -> None:
         for key, val in extras.items():

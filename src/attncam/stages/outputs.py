@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -67,9 +68,35 @@ def metric_order(c: str) -> tuple[int, float, str]:
     return len(_ORDER), num, c
 
 
+#: (unit, better) of each metric family, by key prefix (docs/METHODS.md, the metrics table).
+#: Longer prefixes first: ``insertion_start`` before ``insertion``, ``lerf_minus_morf`` first.
+_UNITS: tuple[tuple[str, str, str], ...] = (
+    ("average_drop", "%", "lower"),
+    ("increase_in_confidence", "%", "higher"),
+    ("percentage_in", "%", "higher"),
+    ("kept_fraction", "fraction of pixels", ""),
+    ("energy_pointing_game", "%", "higher"),
+    ("grid_pointing_game", "%", "higher"),
+    ("pointing_game", "%", "higher"),
+    ("mask_iou", "IoU", "higher"),
+    ("box_accuracy", "%", "higher"),
+    ("deletion", "AUC", "lower"),
+    ("insertion_start", "score", ""),
+    ("insertion", "AUC", "higher"),
+    ("lerf_minus_morf", "score", "higher"),
+    ("morf", "score", "lower"),
+    ("lerf", "score", "higher"),
+    ("occlusion_faithfulness", "Spearman rho", "higher"),
+    ("win_vs", "%", "higher"),
+)
+
+
 def _label(c: str) -> str:
-    arrow = " (lower better)" if c in LOWER_IS_BETTER else ""
-    return c.replace("_", " ") + arrow
+    """A column header with its unit and direction, e.g. ``average drop (%, lower better)``."""
+    for prefix, unit, better in _UNITS:
+        if c.startswith(prefix):
+            return c.replace("_", " ") + f" ({unit}{f', {better} better' if better else ''})"
+    return c.replace("_", " ")
 
 
 def _digits(c: str) -> int:
@@ -97,6 +124,7 @@ def _markdown(
     results: Results, columns: list[str], protocol: Mapping[str, Any], extra: Mapping[str, Any]
 ) -> str:
     n_images = max((r.get("n") or 0 for row in results.values() for r in row.values()), default=0)
+    main = [c for c in columns if not c.startswith("win_vs_")]
     lines = [
         "# Explanation metrics",
         "",
@@ -106,20 +134,81 @@ def _markdown(
         "",
         "Protocol: " + ", ".join(f"{k}={v}" for k, v in protocol.items()),
         "",
-        "| method | " + " | ".join(_label(c) for c in columns) + " |",
-        "|---|" + "---|" * len(columns),
+        f"Explained class: {extra.get('explained_class') or 'the protocol target'} "
+        "(per image: the target column of predictions.json).",
+        "",
+        "| method | " + " | ".join(_label(c) for c in main) + " |",
+        "|---|" + "---|" * len(main),
     ]
     roles = {**{b: " *(baseline)*" for b in extra.get("baselines") or []},
              **{c: " *(control)*" for c in extra.get("controls") or []}}  # fmt: skip
     for method, row in results.items():
-        cells = " | ".join(fmt(row.get(c), _digits(c)) for c in columns)
+        cells = " | ".join(fmt(row.get(c), _digits(c)) for c in main)
         lines.append(f"| {method}{roles.get(method, '')} | {cells} |")
     lines += _role_notes(extra)
-    skipped = extra.get("skipped_methods") or []
-    if skipped:
-        lines += ["", "Skipped methods (not applicable to this model):", ""]
-        lines += [f"- {s['method']}: {s['reason']}" for s in skipped]
+    lines += win_matrix(results)
+    lines += skipped_lines(extra.get("skipped_methods") or [])
     return "\n".join(lines) + "\n"
+
+
+def win_matrix(results: Results) -> list[str]:
+    """The Win % section of ``metrics.md``: a square matrix, row beats column (or ``[]``).
+
+    ``win_vs_<b>`` of row ``a`` is stored for one order of each pair; the other order is its
+    complement ``100 - v`` (a tie counts half to each side, so the two add up to 100 on the same
+    images; docs/METHODS.md, Win %). Pairs never scored (identical maps, baselines) show ``-``.
+    """
+    win = {
+        (a, c.removeprefix("win_vs_")): r
+        for a, row in results.items()
+        for c, r in row.items()
+        if c.startswith("win_vs_") and r and r.get("value") is not None
+    }
+    if not win:
+        return []
+    names = [n for n in results if any(n in pair for pair in win)]
+
+    def cell(a: str, b: str) -> str:
+        if a == b:
+            return "-"
+        if (a, b) in win:
+            return fmt(win[(a, b)], 1)
+        r = win.get((b, a))
+        if r is None:
+            return "-"
+        lo, hi = r.get("low"), r.get("high")
+        flipped = {"value": 100.0 - r["value"], "low": None if hi is None else 100.0 - hi,
+                   "high": None if lo is None else 100.0 - lo}  # fmt: skip
+        return fmt(flipped, 1)
+
+    lines = [
+        "",
+        "## Win %",
+        "",
+        "Row beats column on Average Drop, % of images; ties count half. A win is decided per "
+        "image by the drop of the explained class's score, Y - O (the smaller drop wins; "
+        "docs/METHODS.md, Win %). 95% intervals as above; `-`: not compared.",
+        "",
+        "| row beats column | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    lines += [f"| {a} | " + " | ".join(cell(a, b) for b in names) + " |" for a in names]
+    return lines
+
+
+def skipped_lines(skipped: list[Mapping[str, Any]]) -> list[str]:
+    """One line per (method, reason) of the skipped methods, with how many variants it covers."""
+    if not skipped:
+        return []
+    counts: dict[tuple[str, str], int] = {}
+    for s in skipped:
+        key = (str(s["method"]), str(s["reason"]))
+        counts[key] = counts.get(key, 0) + 1
+    lines = ["", "Skipped methods (not applicable to this model):", ""]
+    for (method, reason), n in counts.items():
+        variants = f" ({n} variants)" if n > 1 else ""
+        lines.append(f"- {method}{variants}: {reason}")
+    return lines
 
 
 def _role_notes(extra: Mapping[str, Any]) -> list[str]:
@@ -235,12 +324,31 @@ def write_figures(
     return paths
 
 
-def write_maps(out: Path, module: ExplainModule) -> list[Path]:
-    """``maps.npz`` (float16, one array per method under its slug) when maps were kept."""
+def write_maps(out: Path, module: ExplainModule, paths: list[str] | None = None) -> list[Path]:
+    """``maps.npz`` when maps were kept: one ``(N, H, W)`` array per method under its slug.
+
+    Beside the maps, in the same image order: ``ids`` (image ids, the keys of
+    ``per_image.json``), ``targets`` (the class each map explains), ``labels`` (-1: none),
+    ``predictions`` (top-1) and ``files`` (the image file, ``""`` for a dataset split), each
+    ``(N,)``. Maps are float32 unless ``save_maps_dtype=float16``.
+    """
     if not (module.save_maps and any(module.all_maps.values())):
         return []
     arrays = {slug(n): torch.cat(v).numpy() for n, v in module.all_maps.items() if v}
-    return [save_npz_atomic(out / "maps.npz", **arrays)]
+    recs = module.records
+    meta = {
+        "ids": np.array([r["id"] for r in recs], dtype=np.int64),
+        "targets": np.array([r["target"] for r in recs], dtype=np.int64),
+        "labels": np.array([r["label"] for r in recs], dtype=np.int64),
+        "predictions": np.array([r["predicted"] for r in recs], dtype=np.int64),
+        "files": np.array(
+            [paths[r["id"]] if paths and r["id"] < len(paths) else "" for r in recs], dtype=str
+        ),
+    }
+    clash = sorted(set(meta) & set(arrays))
+    if clash:
+        raise ValueError(f"maps.npz: method slug(s) {clash} clash with the metadata arrays")
+    return [save_npz_atomic(out / "maps.npz", **arrays, **meta)]
 
 
 def write_predictions(
@@ -255,6 +363,7 @@ def write_predictions(
                 "index": i,
                 "file": paths[i] if paths and i < len(paths) else None,
                 **rec,
+                "target_name": _class_name(rec["target"], class_names),
                 "top5_names": [class_names[c] if class_names else str(c) for c, _ in rec["top5"]],
             }
         )

@@ -6,7 +6,7 @@ One command trains (or reuses) the backbones, explains them, scores every map an
     python scripts/reproduce.py scale=cpu       # synthetic data, <= 45 min on an idle 2-core CPU
     python scripts/reproduce.py scale=tiny work_dir=/tmp/r docs_dir=/tmp/r/docs   # the test
     python scripts/reproduce.py scale=imagenet  # the published protocol (GPU, ImageNet)
-    python scripts/reproduce.py scale=imagenet --print-commands   # the equivalent CLI commands
+    python scripts/reproduce.py scale=cpu --print-commands   # that scale's train and explain commands
 
 Settings live in ``conf/reproduce/<scale>.yaml``; any key can be overridden as ``key=value``
 (OmegaConf dot-list, e.g. ``explain.limit=100 reuse=true``); the published numbers the report
@@ -59,10 +59,15 @@ from attncam.stages.reproduce.names import AG_VARIANTS, PAPER_BASELINES, is_pair
 from attncam.stages.reproduce.report import (
     ReportInputs,
     closest_variant,
-    imagenet_commands,
     write_report,
 )
-from attncam.stages.reproduce.settings import ROOT, load_paper, load_settings, resolve_dir
+from attncam.stages.reproduce.settings import (
+    ROOT,
+    load_paper,
+    load_settings,
+    resolve_dir,
+    scale_commands,
+)
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +272,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("overrides", nargs="*", help="scale=cpu|tiny|imagenet and key=value")
     parser.add_argument("--print-commands", action="store_true",
-                        help="print the ImageNet protocol's commands and exit")  # fmt: skip
+                        help="print the commands of the scale asked for and exit")  # fmt: skip
     args = parser.parse_args(argv)
     if args.print_commands:
-        sys.stdout.write("\n".join(imagenet_commands()) + "\n")
+        sys.stdout.write("\n".join(scale_commands(load_settings(args.overrides))) + "\n")
         return {}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")

@@ -8,6 +8,7 @@ command lines that ``--print-commands`` shows would compose them.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,52 @@ def explain_overrides(s: DictConfig, ckpt: Path, metrics: Sequence[str]) -> list
     return ov
 
 
+def _quote(arg: str) -> str:
+    """A shell-safe override (lists and brackets quoted)."""
+    return shlex.quote(arg)
+
+
+def scale_commands(s: DictConfig) -> list[str]:
+    """The ``train.py`` and ``explain.py`` command lines ``scripts/reproduce.py`` runs at ``s``.
+
+    Built from the same overrides the in-process stages compose (``train_overrides``,
+    ``explain_overrides``), so they match the scale asked for. Stages with no CLI (the
+    Percentage-in variants, the CAW ratio, the sanity figures, the report) are named in a closing
+    comment.
+
+    Args:
+        s: The reproduction settings (``load_settings``).
+
+    Returns:
+        Lines: ``#`` comments and one command per line.
+    """
+    work = Path(str(s.work_dir))
+    out = [f"# scale={s.scale}: the commands of scripts/reproduce.py scale={s.scale}",
+           "# 1. Fine-tune every family with and without attention:"]  # fmt: skip
+    for family in s.train.families:
+        for att in s.train.attentions:
+            ov = [*train_overrides(s, family, att), f"hydra.run.dir={work}/train/{family}_{att}"]
+            out.append("python train.py " + " ".join(_quote(o) for o in ov))
+    out.append("# 2. Explain each attention checkpoint (the paper's methods and metrics):")
+    e = s.explain
+    for family in [f for f in s.train.families if "cbam" in s.train.attentions]:
+        beyond = family == e.get("beyond_family")
+        ckpt = work / "train" / f"{family}_cbam" / "checkpoints" / "best.ckpt"
+        metrics = list(e.beyond_metrics if beyond else e.paper_metrics)
+        ov = explain_overrides(s, ckpt, metrics)
+        if beyond:
+            methods = ",".join(["paper", *e.beyond_methods])
+            ov = [f"method=[{methods}]" if o == "method=paper" else o for o in ov]
+        ov.append(f"hydra.run.dir={work}/explain/{family}_cbam")
+        out.append("python explain.py " + " ".join(_quote(o) for o in ov))
+    out += [
+        "# 3. The Percentage-in variants, SCA-CAM's scacam_fc row and CAW ratio, the sanity",
+        "#    check and the report in one go (reuse=true picks up finished stages):",
+        f"python scripts/reproduce.py scale={s.scale} reuse=true",
+    ]
+    return out
+
+
 __all__ = [
     "CONF",
     "ROOT",
@@ -143,6 +190,7 @@ __all__ = [
     "load_paper",
     "load_settings",
     "resolve_dir",
+    "scale_commands",
     "scales",
     "train_overrides",
 ]
