@@ -2,7 +2,7 @@
 """Reproduce the three papers' results and write ``docs/REPRODUCTION.md``.
 
     python scripts/reproduce.py scale=cpu|tiny|imagenet [key=value ...] [reuse=true]
-    python scripts/reproduce.py scale=imagenet --print-commands
+    python scripts/reproduce.py scale=cpu --print-commands   # that scale's train.py/explain.py calls
 
 A thin entry point: the stages, the report and the settings are in ``attncam.stages.reproduce``
 (settings in ``conf/reproduce/<scale>.yaml``, published numbers in ``conf/reproduce/paper.yaml``).

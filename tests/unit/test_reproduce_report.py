@@ -30,7 +30,7 @@ from attncam.stages.reproduce.report import (
     imagenet_commands,
     render_report,
 )
-from attncam.stages.reproduce.settings import load_paper, load_settings, scales
+from attncam.stages.reproduce.settings import load_paper, load_settings, scale_commands, scales
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -77,8 +77,9 @@ def test_template_blocks() -> None:
 
 
 def test_print_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--print-commands"]) == {}
-    assert capsys.readouterr().out.splitlines() == imagenet_commands()
+    """--print-commands prints the commands of the scale asked for (the ImageNet ones for it)."""
+    assert main(["scale=imagenet", "--print-commands"]) == {}
+    assert capsys.readouterr().out.splitlines() == scale_commands(load_settings(["scale=imagenet"]))
 
 
 def test_settings_and_paper() -> None:
