@@ -19,6 +19,12 @@ def _explain(cfg: DictConfig) -> dict:
     return run(cfg)
 
 
+def _list_layers(cfg: DictConfig) -> str:
+    from attncam.stages.explain import list_layers
+
+    return list_layers(cfg)
+
+
 def _check(cfg: DictConfig) -> None:
     """What can be checked before torch is imported: limit, the checkpoint file, the weights."""
     from attncam.stages.cli import check_limit, check_model_weights, check_paths_exist
@@ -31,8 +37,10 @@ def _check(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="explain")
 def main(cfg: DictConfig) -> dict:
     """Check the config, explain, and report a user error in one line (exit status 2)."""
-    from attncam.stages.cli import run_entry
+    from attncam.stages.cli import run_entry, run_info
 
+    if cfg.get("list_layers"):
+        return run_info(cfg, _list_layers, checks=[_check], groups=GROUPS)
     return run_entry(cfg, _explain, checks=[_check], groups=GROUPS)
 
 

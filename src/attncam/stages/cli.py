@@ -553,6 +553,54 @@ def run_entry(
         raise
 
 
+def run_info(
+    cfg: DictConfig,
+    producer: Callable[[DictConfig], str],
+    checks: Iterable[Callable[[DictConfig], Any]] = (),
+    groups: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Answer a question about the config (e.g. ``list_layers=true``) on stdout; no run folder.
+
+    The same pre-flight checks and user-error handling as :func:`run_entry`, but nothing is
+    written: the job's held log records are dropped and the folder Hydra made is removed if
+    it is empty.
+
+    Args:
+        cfg: the composed config.
+        producer: returns the text to print (imported inside, so the checks come first).
+        checks: extra pre-flight checks of ``cfg``.
+        groups: the stage's config groups.
+
+    Returns:
+        ``{"status": "INFO", "text": ...}``.
+
+    Raises:
+        SystemExit: status 2 after a user error.
+    """
+    global _JOB
+    _JOB = job = _hydra_job()
+    job.refused = True  # nothing may be written into the folder Hydra made
+    try:
+        check_top_level_keys(cfg, job.overrides, groups)
+        for check in checks:
+            check(cfg)
+        text = producer(cfg)
+    except Exception as err:
+        if is_user_error(err):
+            job.refused = False
+            _report_user_error(err, job)
+            raise SystemExit(USER_ERROR_EXIT) from None
+        raise
+    finally:
+        for handler in _deferred_handlers():
+            handler.discard()
+        if job.hydra_dir is not None:
+            remove_empty_dirs(job.hydra_dir)
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return {"status": "INFO", "text": text}
+
+
 __all__ = [
     "FINISHED_MARKERS",
     "USER_ERRORS",
@@ -573,4 +621,5 @@ __all__ = [
     "refuse_finished",
     "remove_empty_dirs",
     "run_entry",
+    "run_info",
 ]

@@ -37,6 +37,9 @@ from attncam.stages.inputs import (
     ExplainInputError,
     ModelInfo,
     applicable_specs,
+    format_layers,
+    image_size_for,
+    layer_table,
     load_data,
     load_model,
     method_specs,
@@ -65,6 +68,7 @@ __all__ = [
     "ImageFilesDataset",
     "ModelInfo",
     "applicable_specs",
+    "list_layers",
     "load_data",
     "load_model",
     "method_specs",
@@ -91,6 +95,19 @@ def _layer(cfg: DictConfig) -> Any:
     if isinstance(layer, DictConfig | list) or OmegaConf.is_list(layer):
         return list(OmegaConf.to_object(layer))  # type: ignore[arg-type]
     return layer
+
+
+def list_layers(cfg: DictConfig) -> str:
+    """``list_layers=true``: the model's layers with their output sizes at the run's image size.
+
+    The size is ``image_size``, else the checkpoint's, else the data config's, else 224.
+    """
+    model = load_model(cfg)
+    size = cfg.get("image_size") or model.image_size
+    if size is None and cfg.get("data") is not None:
+        size = cfg.data.get("image_size")
+    size = int(size) if size else image_size_for(cfg, model)
+    return format_layers(layer_table(model.net, size), size)
 
 
 def _loader(cfg: DictConfig, data: DataInfo, ids: list[int]) -> DataLoader:

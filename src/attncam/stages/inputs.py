@@ -11,6 +11,7 @@ published (or ``model.weights=PATH``) weights; one with random weights only with
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -38,7 +40,10 @@ __all__ = [
     "NoApplicableMethodError",
     "applicable_specs",
     "check_limit",
+    "check_layer",
+    "format_layers",
     "image_size_for",
+    "layer_table",
     "load_data",
     "load_model",
     "method_specs",
@@ -290,10 +295,96 @@ def method_specs(cfg: DictConfig) -> list[tuple[str, dict[str, Any]]]:
     return specs
 
 
+def _output_size(out: Any) -> str:
+    """``C x H x W`` (batch dropped) of a module's output, or of its first tensor; ``-`` if none."""
+    if isinstance(out, tuple | list) and out:
+        out = next((o for o in out if isinstance(o, torch.Tensor)), None)
+    if not isinstance(out, torch.Tensor):
+        return "-"
+    return " x ".join(str(d) for d in out.shape[1:]) or "scalar"
+
+
+def layer_table(net: nn.Module, image_size: int) -> list[tuple[str, str, str]]:
+    """Every named module with its output size on one ``(1, 3, S, S)`` input, in module order.
+
+    Args:
+        net: the network (its eval mode is kept).
+        image_size: the side ``S`` of the run's images.
+
+    Returns:
+        ``[(dotted name, output size "C x H x W" or "-" for a module not called, marks)]``;
+        marks are ``default CAM layer`` (``model_api.cam_layer``) and ``attention``
+        (``model_api.attention_modules``), comma-separated.
+    """
+    sizes: dict[str, str] = {}
+    hooks = []
+    for name, module in net.named_modules():
+        if name:
+
+            def hook(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+                sizes.setdefault(name, _output_size(out))
+
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    cam, attention = model_api.cam_layer(net), set(model_api.attention_modules(net))
+    rows = []
+    for name, _ in net.named_modules():
+        if name:
+            marks = ["default CAM layer"] * (name == cam) + ["attention"] * (name in attention)
+            rows.append((name, sizes.get(name, "-"), ", ".join(marks)))
+    return rows
+
+
+def format_layers(rows: list[tuple[str, str, str]], image_size: int) -> str:
+    """The ``list_layers=true`` text: one aligned line per layer, then how to choose one."""
+    width = max((len(n) for n, _, _ in rows), default=4)
+    lines = [f"{len(rows)} layers; output sizes (C x H x W) at {image_size} px:"]
+    lines += [f"  {n:<{width}}  {size:<16} {marks}".rstrip() for n, size, marks in rows]
+    lines.append("choose a CAM layer with layer=NAME (or a list, fused); '-': not called")
+    return "\n".join(lines) + "\n"
+
+
+def check_layer(net: nn.Module, layer: Any) -> None:
+    """Refuse a ``layer=`` name the model does not have, suggesting the closest names.
+
+    Args:
+        net: the network.
+        layer: None, a dotted name (optionally ``NAME:input``) or a list of them.
+
+    Raises:
+        ExplainInputError: naming the unknown layer, up to 5 close names (difflib) and
+            ``list_layers=true``.
+    """
+    if layer is None:
+        return
+    names = [n for n, _ in net.named_modules() if n]
+    for item in [layer] if isinstance(layer, str) else list(layer):
+        name = str(item).split(":", 1)[0]
+        if name in names:
+            continue
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f"closest: {', '.join(close)}; " if close else ""
+        raise ExplainInputError(
+            f"unknown layer {name!r} in {type(net).__name__} ({len(names)} layers); {hint}"
+            "python explain.py <ckpt=... or model=...> list_layers=true lists them all"
+        )
+
+
 def applicable_specs(
     net: nn.Module, specs: list[tuple[str, dict[str, Any]]], layer: Any, strict: bool
 ) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, str]]]:
-    """Keep the methods the model supports; the rest are an error (strict) or skipped, reported."""
+    """Keep the methods the model supports; the rest are an error (strict) or skipped, reported.
+
+    Raises:
+        ExplainInputError: ``layer`` names a layer the model does not have (:func:`check_layer`).
+        NoApplicableMethodError: no method applies.
+    """
+    check_layer(net, layer)
     kept, skipped = [], []
     for key, opts in specs:
         try:

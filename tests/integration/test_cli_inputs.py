@@ -1,0 +1,66 @@
+"""The explain command line's inputs (issue 17): layers, images, selection, noise, progress.
+
+Each test runs ``explain.py`` in a subprocess with ``model=tiny`` and random weights, as a user
+would, and reads what it prints and writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.integration.helpers import run_cli
+
+TINY = ["model=tiny", "allow_random_weights=true", "logger=none"]
+
+
+def _png(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def test_list_layers_prints_sizes_marks_the_cam_layer_and_writes_nothing(tmp_path: Path) -> None:
+    proc = run_cli("explain.py", [*TINY, "list_layers=true", "image_size=64"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout.splitlines()
+    lines = out[out.index("29 layers; output sizes (C x H x W) at 64 px:") :]
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    # tiny: conv1 /2, layer1 /4, layer2 /8: 64 px -> 32, 16 and 8 px
+    assert rows["features.conv1"].split()[1:4] == ["16", "x", "32"]
+    assert rows["features.layer2"].split()[1:] == [
+        "32",
+        "x",
+        "8",
+        "x",
+        "8",
+        "default",
+        "CAM",
+        "layer",
+    ]
+    assert rows["head.fc"].split()[1] == "1000"
+    assert sum("default CAM layer" in line for line in lines) == 1
+    assert list(tmp_path.iterdir()) == []  # no run folder, no outputs/ at all
+
+
+def test_list_layers_marks_attention_modules(tmp_path: Path) -> None:
+    args = [*TINY, "list_layers=true", "image_size=32", "+model.attention=cbam"]
+    proc = run_cli("explain.py", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    marked = [line.split()[0] for line in proc.stdout.splitlines() if line.endswith("attention")]
+    assert marked == ["features.layer1.0.attention", "features.layer2.0.attention"], marked
+
+
+def test_a_layer_typo_names_the_closest_layers_and_list_layers(tmp_path: Path) -> None:
+    image = _png(tmp_path / "in" / "a.png", 0)
+    args = [*TINY, f"images={image}", "method=gradcam", "layer=features.layer2.O"]
+    proc = run_cli("explain.py", args, tmp_path)
+    assert proc.returncode == 2
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: unknown layer 'features.layer2.O' in AttentionNet")
+    assert "closest: features.layer2.0, features.layer2," in error
+    assert "list_layers=true" in error and "no requested method applies" not in error
+    assert not (tmp_path / "outputs").exists()
