@@ -64,3 +64,30 @@ def test_a_layer_typo_names_the_closest_layers_and_list_layers(tmp_path: Path) -
     assert "closest: features.layer2.0, features.layer2," in error
     assert "list_layers=true" in error and "no requested method applies" not in error
     assert not (tmp_path / "outputs").exists()
+
+
+def class_tree(root: Path) -> dict[str, Path]:
+    """``root/cats/{a,b}.png``, ``root/dogs/{a,b}.png``, ``root/other/c.png``, ``root/top.png``."""
+    files = {}
+    for i, rel in enumerate(["cats/a.png", "cats/b.png", "dogs/a.png", "dogs/b.png",
+                             "other/c.png", "top.png"]):  # fmt: skip
+        files[rel] = _png(root / rel, i)
+    return files
+
+
+def test_images_folder_is_read_recursively_and_select_chooses_images(tmp_path: Path) -> None:
+    import json
+
+    class_tree(tmp_path / "photos")
+    args = [*TINY, f"images={tmp_path / 'photos'}", "method=gradcam", "image_size=32",
+            "batch_size=2", "select=[4,dogs/a.png,0]", "metrics=fast",
+            "metrics.num_resamples=20", "metrics.protocol.steps=2",
+            f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = run_cli("explain.py", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # sorted recursive order: cats/a, cats/b, dogs/a, dogs/b, other/c, top
+    assert json.loads((tmp_path / "run" / "image_ids.json").read_text()) == [4, 2, 0]
+    # model=tiny has no class names: every image is unlabelled, and that is said once
+    assert "6 unlabelled (subfolders that name no class of the model: cats, dogs, other)" in (
+        proc.stdout + proc.stderr
+    )

@@ -43,6 +43,7 @@ from attncam.stages.inputs import (
     load_data,
     load_model,
     method_specs,
+    selected_ids,
 )
 from attncam.stages.outputs import (
     build_manifest,
@@ -221,6 +222,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     model = load_model(cfg)
     data = load_data(cfg, model)
+    chosen = selected_ids(cfg, data)
     layer = _layer(cfg)
     strict = bool(cfg.get("strict_methods", False))
     specs, skipped_methods = applicable_specs(model.net, method_specs(cfg), layer, strict)
@@ -228,6 +230,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     assert isinstance(metrics_cfg, dict)
     plan = design.plan(cfg, data.dataset, model.net, specs, layer, metrics_cfg)
     plan["calibration"] = design.calibration(model.net, data.datamodule, metrics_cfg)
+    if chosen is not None:
+        plan["ids"] = chosen
     specs = plan["specs"]
     loader = _loader(cfg, data, plan["ids"])
     module = ExplainModule(

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from attncam.data.files import ImageFilesDataset, image_paths
+from attncam.data.files import ImageFilesDataset, image_paths, subfolder_labels
 from attncam.explain import Explainer, available_methods, get_method, methods_from_config, model_api
 from attncam.io import sha256_file
 from attncam.models.checkpoint import load_classifier
@@ -47,6 +47,7 @@ __all__ = [
     "load_data",
     "load_model",
     "method_specs",
+    "selected_ids",
 ]
 
 #: Side of ``images=...`` when neither ``image_size`` nor the checkpoint gives one.
@@ -204,16 +205,30 @@ def image_size_for(cfg: DictConfig, model: ModelInfo) -> int:
 
 
 def _image_files(cfg: DictConfig, model: ModelInfo) -> DataInfo:
-    """``images=...``: files, a folder or a glob, at :func:`image_size_for`."""
+    """``images=...``: files, a folder (recursive) or a glob, at :func:`image_size_for`.
+
+    Images in a subfolder named after one of the model's classes get it as their label
+    (:func:`attncam.data.files.subfolder_labels`); the others are unlabelled (-1). How many
+    were labelled, and the subfolders that name no class, are logged.
+    """
     spec = OmegaConf.to_object(cfg.images) if not isinstance(cfg.images, str) else cfg.images
     paths = image_paths(spec)  # type: ignore[arg-type]
     if not paths:
         raise ExplainInputError(f"images={cfg.images!r} holds no files")
-    ds = ImageFilesDataset(paths, image_size_for(cfg, model))
+    labels, unknown = subfolder_labels(spec, paths, model.class_names)  # type: ignore[arg-type]
+    ds = ImageFilesDataset(paths, image_size_for(cfg, model), labels=labels)
     if len(ds) == 0:
         raise ExplainInputError(
             f"images={cfg.images!r}: none of the {len(paths)} file(s) is a readable image"
         )
+    labelled = sum(label >= 0 for label in ds.labels)
+    if labelled or unknown:
+        log.info(
+            "images=%s: %d of %d images labelled by their subfolder's class name; %d unlabelled"
+            "%s", cfg.images, labelled, len(ds), len(ds) - labelled,
+            f" (subfolders that name no class of the model: {', '.join(unknown[:10])})"
+            if unknown else "",
+        )  # fmt: skip
     return DataInfo(
         dataset=ds,
         class_names=model.class_names,
@@ -221,6 +236,61 @@ def _image_files(cfg: DictConfig, model: ModelInfo) -> DataInfo:
         skipped=ds.skipped,
         paths=[str(p) for p in ds.paths],
     )
+
+
+def _select_path(item: str, paths: list[str]) -> int:
+    """The index of the file ``item`` names: its path, or a unique file name or path ending."""
+    want = Path(item).expanduser()
+    resolved = [Path(p).resolve() for p in paths]
+    if want.resolve() in resolved:
+        return resolved.index(want.resolve())
+    hits = [i for i, p in enumerate(paths) if p == item or p.endswith("/" + item.lstrip("/"))]
+    if len(hits) == 1:
+        return hits[0]
+    found = "matches no explained file" if not hits else f"matches {len(hits)} files"
+    raise ExplainInputError(
+        f"select={item!r} {found}; give an index (0..{len(paths) - 1}), a path or a unique "
+        f"file name such as {Path(paths[0]).name!r}"
+    )
+
+
+def selected_ids(cfg: DictConfig, data: DataInfo) -> list[int] | None:
+    """The image ids ``select=`` chooses, in the order given; None when ``select`` is unset.
+
+    ``select`` holds indices into the split (or into the readable files of ``images=``, the
+    ids ``image_ids.json`` and ``predictions.csv`` use) and/or, with ``images=``, file paths
+    or unique file names. It replaces ``limit``.
+
+    Raises:
+        ExplainInputError: ``select`` with ``limit``, an index out of range, a file name with
+            a data split, a name that matches no file or several, or a repeated image.
+    """
+    select = cfg.get("select")
+    if select is None:
+        return None
+    items = list(OmegaConf.to_object(select)) if OmegaConf.is_list(select) else [select]  # type: ignore[arg-type]
+    if cfg.get("limit") is not None:
+        raise ExplainInputError(
+            f"give select= or limit=, not both (got select={items}, limit={cfg.limit})"
+        )
+    n, ids = len(data.dataset), []  # type: ignore[arg-type]
+    for item in items:
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not 0 <= item < n:
+                raise ExplainInputError(f"select index {item} is out of range; choose 0..{n - 1}")
+            ids.append(item)
+        elif isinstance(item, str) and data.paths is not None:
+            ids.append(_select_path(item, data.paths))
+        else:
+            raise ExplainInputError(
+                f"select item {item!r}: choose an index 0..{n - 1}"
+                + (" or a file of images=" if data.paths is not None else " (a data split has "
+                   "no file names)")
+            )  # fmt: skip
+    if not ids or len(set(ids)) != len(ids):
+        raise ExplainInputError(f"select={items} must name at least one image, each once")
+    log.info("select: explaining %d chosen image(s), ids %s", len(ids), ids[:20])
+    return ids
 
 
 def _data_config(cfg: DictConfig, model: ModelInfo) -> Any:
