@@ -14,14 +14,18 @@ GROUPS = [p.name for p in (Path(__file__).resolve().parent / "conf").iterdir() i
 
 
 def _explain(cfg: DictConfig) -> dict:
+    from attncam.stages.cli import one_line_per_record
     from attncam.stages.explain import run
 
+    one_line_per_record()
     return run(cfg)
 
 
 def _list_layers(cfg: DictConfig) -> str:
+    from attncam.stages.cli import one_line_per_record
     from attncam.stages.explain import list_layers
 
+    one_line_per_record()
     return list_layers(cfg)
 
 

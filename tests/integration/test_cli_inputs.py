@@ -88,6 +88,13 @@ def test_images_folder_is_read_recursively_and_select_chooses_images(tmp_path: P
     # sorted recursive order: cats/a, cats/b, dogs/a, dogs/b, other/c, top
     assert json.loads((tmp_path / "run" / "image_ids.json").read_text()) == [4, 2, 0]
     # model=tiny has no class names: every image is unlabelled, and that is said once
-    assert "6 unlabelled (subfolders that name no class of the model: cats, dogs, other)" in (
-        proc.stdout + proc.stderr
-    )
+    printed = proc.stdout + proc.stderr
+    assert "6 unlabelled (subfolders that name no class of the model: cats, dogs, other)" in printed
+    # issue 17 item 8: each line once, no advert, localisation dropped in one INFO line
+    assert printed.count("Seed set to 0") == 1 and printed.count("GPU available") == 1
+    assert "Tip:" not in printed and "LeafSpec" not in printed
+    assert printed.count("localisation metrics left out") == 1
+    assert "has no valid image" not in printed
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    columns = set().union(*(row for row in metrics["methods"].values()))
+    assert "average_drop" in columns and "pointing_game" not in columns

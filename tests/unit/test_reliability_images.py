@@ -194,3 +194,35 @@ def test_select_by_index_and_file_and_its_errors(tmp_path: Path) -> None:
     split = type(data)(dataset=data.dataset, class_names=None, source="split")
     with pytest.raises(ExplainInputError, match="a data split has no file names"):
         selected_ids(_explain_cfg(select=["top.png"]), split)
+
+
+def test_localisation_metrics_are_dropped_only_without_masks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from attncam.metrics import METRIC_KEYS
+    from attncam.stages.inputs import (
+        LOCALISATION_METRICS,
+        DataInfo,
+        ExplainInputError,
+        drop_localisation,
+    )
+
+    assert set(LOCALISATION_METRICS) <= set(METRIC_KEYS)
+    image = torch.zeros(3, 8, 8)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    masked = mask.clone()
+    masked[2:4, 2:4] = True
+    # a split whose third image has a mask keeps them; files (paths) never have masks
+    split = DataInfo([(image, 0, mask), (image, 1, mask), (image, 0, masked)], None, "split")
+    cfg = {"enabled": ["average_drop", "pointing_game"]}
+    assert drop_localisation(cfg, split, [0, 1, 2]) == [] and cfg["enabled"][1] == "pointing_game"
+    files = DataInfo([(image, -1, mask)], None, "images=x", paths=["x.png"])
+    every: dict[str, object] = {"enabled": None}
+    with caplog.at_level(logging.INFO, logger="attncam.stages.inputs"):
+        assert drop_localisation(every, files, [0]) == list(LOCALISATION_METRICS)
+    assert every["enabled"] == [
+        k for k in METRIC_KEYS if k not in LOCALISATION_METRICS and k != "grid_pointing_game"
+    ]
+    assert sum("localisation metrics left out" in r.message for r in caplog.records) == 1
+    with pytest.raises(ExplainInputError, match="only localisation metrics are enabled"):
+        drop_localisation({"enabled": ["mask_iou"]}, files, [0])

@@ -272,6 +272,37 @@ class DeferredFileHandler(logging.FileHandler):
         super().close()
 
 
+class _DropAdvert(logging.Filter):
+    """Drops Lightning's advertising line ("💡 Tip: ... try installing litlogger")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
+
+
+def one_line_per_record() -> None:
+    """Each log record printed once: Lightning's own console handler goes when Hydra logs.
+
+    ``import lightning`` gives the ``lightning`` logger a ``StreamHandler`` that also
+    propagates to the root logger, where Hydra's console handler prints the record again.
+    Lightning's own deprecation notice about torch's ``LeafSpec`` (not the user's to fix) is
+    silenced.
+    Call after ``lightning`` is imported; a no-op when the root logger has no handler (outside
+    Hydra, Lightning's handler is the only one). Lightning's advertising line is dropped.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    if not logging.getLogger().handlers:
+        return
+    lightning_log = logging.getLogger("lightning")
+    for handler in list(lightning_log.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning_log.removeHandler(handler)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvert) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropAdvert())
+
+
 def _deferred_handlers() -> list[DeferredFileHandler]:
     return [h for h in logging.getLogger().handlers if isinstance(h, DeferredFileHandler)]
 
@@ -619,6 +650,7 @@ __all__ = [
     "is_user_error",
     "process_rank",
     "refuse_finished",
+    "one_line_per_record",
     "remove_empty_dirs",
     "run_entry",
     "run_info",

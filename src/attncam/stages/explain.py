@@ -37,6 +37,7 @@ from attncam.stages.inputs import (
     ExplainInputError,
     ModelInfo,
     applicable_specs,
+    drop_localisation,
     format_layers,
     image_size_for,
     layer_table,
@@ -232,6 +233,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     plan["calibration"] = design.calibration(model.net, data.datamodule, metrics_cfg)
     if chosen is not None:
         plan["ids"] = chosen
+    drop_localisation(metrics_cfg, data, plan["ids"])
     specs = plan["specs"]
     loader = _loader(cfg, data, plan["ids"])
     module = ExplainModule(

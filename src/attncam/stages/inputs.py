@@ -34,6 +34,7 @@ from attncam.stages.cli import ConfigError, JobSkipped, check_limit, check_model
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
+    "LOCALISATION_METRICS",
     "DataInfo",
     "ExplainInputError",
     "ModelInfo",
@@ -41,6 +42,7 @@ __all__ = [
     "applicable_specs",
     "check_limit",
     "check_layer",
+    "drop_localisation",
     "format_layers",
     "image_size_for",
     "layer_table",
@@ -49,6 +51,9 @@ __all__ = [
     "method_specs",
     "selected_ids",
 ]
+
+#: The metrics that score a map against a ground-truth mask or box (``conf/metrics`` keys).
+LOCALISATION_METRICS = ("pointing_game", "energy_pointing_game", "mask_iou", "box_accuracy")
 
 #: Side of ``images=...`` when neither ``image_size`` nor the checkpoint gives one.
 DEFAULT_IMAGE_SIZE = 224
@@ -345,6 +350,58 @@ def load_data(cfg: DictConfig, model: ModelInfo) -> DataInfo:
         dataset=ds, class_names=names, source=f"{data_cfg._target_}:{split}", skipped=skipped,
         datamodule=dm,
     )  # fmt: skip
+
+
+def _any_mask(data: DataInfo, ids: list[int], probe: int = 8) -> bool:
+    """Whether any of the first ``probe`` explained images has a ground-truth mask."""
+    if data.paths is not None:  # images=...: files never carry masks
+        return False
+    for i in ids[:probe]:
+        item = data.dataset[i]
+        if len(item) > 2 and bool(item[2].any()):
+            return True
+    return False
+
+
+def drop_localisation(metrics_cfg: dict[str, Any], data: DataInfo, ids: list[int]) -> list[str]:
+    """Without ground-truth masks, take the localisation metrics out of ``metrics_cfg``.
+
+    Called before the metric suite is built, so a run on ``images=`` (or on a split without
+    masks) reports no empty localisation columns and logs one INFO line instead of a warning
+    per metric and method.
+
+    Args:
+        metrics_cfg: the ``metrics`` config as a dict; ``enabled`` is rewritten in place
+            (``None`` means every metric, as in ``attncam.metrics.build_metrics``).
+        data: the explained data.
+        ids: the explained image ids.
+
+    Returns:
+        The dropped metric keys (empty when masks exist or none was enabled).
+
+    Raises:
+        ExplainInputError: only localisation metrics were enabled.
+    """
+    if _any_mask(data, ids):
+        return []
+    from attncam.metrics import METRIC_KEYS
+
+    enabled = metrics_cfg.get("enabled")
+    keys = [k for k in METRIC_KEYS if k != "grid_pointing_game"] if enabled is None else enabled
+    dropped = [k for k in keys if k in LOCALISATION_METRICS]
+    if not dropped:
+        return []
+    kept = [k for k in keys if k not in LOCALISATION_METRICS]
+    if not kept:
+        raise ExplainInputError(
+            f"{data.source} has no ground-truth masks, and only localisation metrics are "
+            f"enabled ({', '.join(dropped)}); enable a faithfulness metric such as "
+            "metrics.enabled=[average_drop,deletion_insertion]"
+        )
+    metrics_cfg["enabled"] = kept
+    log.info("no ground-truth masks in %s: localisation metrics left out (%s)", data.source,
+             ", ".join(dropped))  # fmt: skip
+    return dropped
 
 
 def method_specs(cfg: DictConfig) -> list[tuple[str, dict[str, Any]]]:
