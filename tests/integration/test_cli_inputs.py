@@ -95,6 +95,26 @@ def test_images_folder_is_read_recursively_and_select_chooses_images(tmp_path: P
     assert "Tip:" not in printed and "LeafSpec" not in printed
     assert printed.count("localisation metrics left out") == 1
     assert "has no valid image" not in printed
+    # issue 17 item 5: the estimate comes before the first image is explained, the bar counts
+    # images under "Explaining" (not Lightning's "Testing DataLoader 0" batches)
+    estimate = printed.index("about to explain 3 image(s) with 1 method(s): about ")
+    assert estimate < printed.index("Explaining:   0%|          | 0/3")
+    assert "Explaining: 100%|██████████| 3/3" in printed and "Testing" not in printed
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     columns = set().union(*(row for row in metrics["methods"].values()))
     assert "average_drop" in columns and "pointing_game" not in columns
+
+
+def test_the_estimate_counts_forwards_as_the_methods_and_metrics_define_them() -> None:
+    from attncam.stages.progress import forwards_per_image, metric_forwards
+
+    specs = [("gradcam", {}), ("scorecam", {}), ("sscam", {"n": 35}),
+             ("occlusion", {"window": 32, "stride": 16})]  # fmt: skip
+    metrics = {"enabled": ["average_drop", "percentage_in", "deletion_insertion"],
+               "protocol": {"steps": 20, "percentages": [5, 10, 20, 25, 50]}}  # fmt: skip
+    # forward + backward = 3; K + 1 = 33; n K + 1 = 1121; 3 x 3 windows + 1 = 10
+    assert forwards_per_image(specs, metrics, channels=32, image_size=64) == (1167, 4 * 48)
+    # one masked image, 5 levels, 2 x (20 + 1) curve points
+    assert metric_forwards(metrics, 64) == 1 + 5 + 42
+    road = {"enabled": ["road"], "protocol": {"road_percentages": [10, 50]}}
+    assert metric_forwards(road, 64) == 4

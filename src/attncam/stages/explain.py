@@ -30,7 +30,7 @@ from attncam.explain import result_name
 from attncam.io import write_json_atomic, write_text_atomic
 from attncam.stages import design
 from attncam.stages.common import build_loggers, task_wrapper
-from attncam.stages.explain_module import ExplainModule, ImagesPerSecondBar, WithIds
+from attncam.stages.explain_module import ExplainModule, WithIds
 from attncam.stages.grid_pass import grid_pointing
 from attncam.stages.inputs import (
     DataInfo,
@@ -57,6 +57,7 @@ from attncam.stages.outputs import (
     write_predictions,
     write_tables,
 )
+from attncam.stages.progress import ExplainingBar, log_estimate
 from attncam.stages.sanity import sanity_check
 from attncam.viz import sanity_figure
 
@@ -112,6 +113,19 @@ def list_layers(cfg: DictConfig) -> str:
     return format_layers(layer_table(model.net, size), size)
 
 
+def _estimate(
+    net: nn.Module, specs: list[Any], metrics_cfg: dict[str, Any], data: DataInfo, ids: list[int],
+    layer: Any,
+) -> None:  # fmt: skip
+    """The estimate line before the work starts (:func:`attncam.stages.progress.log_estimate`)."""
+    from attncam.explain import model_api
+
+    first = layer[0] if isinstance(layer, list) else layer
+    first = str(first).split(":", 1)[0] if first else model_api.cam_layer(net)
+    size = int(data.dataset[ids[0]][0].shape[-1]) if ids else 224
+    log_estimate(net, specs, metrics_cfg, len(ids), size, first)
+
+
 def _loader(cfg: DictConfig, data: DataInfo, ids: list[int]) -> DataLoader:
     """Batches ``[images, labels, masks, image ids]`` of the explained images."""
     dataset = WithIds(data.dataset, ids)
@@ -124,8 +138,8 @@ def _loader(cfg: DictConfig, data: DataInfo, ids: list[int]) -> DataLoader:
     )
 
 
-def _trainer(cfg: DictConfig, out: Path, loggers: list[Any]) -> L.Trainer:
-    """A test-only Trainer with gradients enabled (``inference_mode=False``)."""
+def _trainer(cfg: DictConfig, out: Path, loggers: list[Any], n_images: int) -> L.Trainer:
+    """A test-only Trainer with gradients enabled (``inference_mode=False``), a bar in images."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(kwargs, dict)
     for k in _TRAINING_ONLY:
@@ -135,7 +149,7 @@ def _trainer(cfg: DictConfig, out: Path, loggers: list[Any]) -> L.Trainer:
         default_root_dir=str(out),
         inference_mode=False,
         logger=loggers or False,
-        callbacks=[ImagesPerSecondBar()],
+        callbacks=[ExplainingBar(n_images)],
         enable_checkpointing=False,
     )
 
@@ -242,7 +256,9 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         grid=plan["grid"], seed=int(cfg.get("seed", 0)),
     )  # fmt: skip
     loggers = build_loggers(cfg, out)
-    trainer = _trainer(cfg, out, loggers)
+    trainer = _trainer(cfg, out, loggers, len(plan["ids"]))
+    if trainer.is_global_zero:
+        _estimate(model.net, specs, metrics_cfg, data, plan["ids"], layer)
     start = time.perf_counter()
     try:
         trainer.test(module, dataloaders=loader, verbose=False)
