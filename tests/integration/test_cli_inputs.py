@@ -118,3 +118,17 @@ def test_the_estimate_counts_forwards_as_the_methods_and_metrics_define_them() -
     assert metric_forwards(metrics, 64) == 1 + 5 + 42
     road = {"enabled": ["road"], "protocol": {"road_percentages": [10, 50]}}
     assert metric_forwards(road, 64) == 4
+
+
+def test_help_is_a_usage_block_naming_only_the_groups_explain_uses(tmp_path: Path) -> None:
+    from tests.integration.helpers import compose
+
+    proc = run_cli("explain.py", ["--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("Explain a model's decisions and score the maps:")
+    assert "list_layers=true" in proc.stdout and "select=[3,17]" in proc.stdout
+    # Hydra's generic page listed every group, including attention, which explain.py refuses
+    assert "attention=" not in proc.stdout and "attention," not in proc.stdout
+    assert "powered by Hydra" not in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+    assert compose("explain", ["model=tiny"]).model.backbone == "tiny"  # still composes
