@@ -23,7 +23,7 @@ def _explain(cfg: DictConfig) -> dict:
 
 def _list_layers(cfg: DictConfig) -> str:
     from attncam.stages.cli import one_line_per_record
-    from attncam.stages.explain import list_layers
+    from attncam.stages.inputs import list_layers
 
     one_line_per_record()
     return list_layers(cfg)

@@ -189,8 +189,7 @@ def test_select_by_index_and_file_and_its_errors(tmp_path: Path) -> None:
     for message, select in errors.items():
         with pytest.raises(ExplainInputError, match=re.escape(message)):
             selected_ids(_explain_cfg(select=select), data)
-    with pytest.raises(ExplainInputError, match="give select= or limit=, not both"):
-        selected_ids(_explain_cfg(select=[1], limit=2), data)
+    assert selected_ids(_explain_cfg(select=[1], limit=2), data) == [1]  # select wins
     split = type(data)(dataset=data.dataset, class_names=None, source="split")
     with pytest.raises(ExplainInputError, match="a data split has no file names"):
         selected_ids(_explain_cfg(select=["top.png"]), split)

@@ -38,9 +38,6 @@ from attncam.stages.inputs import (
     ModelInfo,
     applicable_specs,
     drop_localisation,
-    format_layers,
-    image_size_for,
-    layer_table,
     load_data,
     load_model,
     method_specs,
@@ -57,7 +54,7 @@ from attncam.stages.outputs import (
     write_predictions,
     write_tables,
 )
-from attncam.stages.progress import ExplainingBar, log_estimate
+from attncam.stages.progress import ExplainingBar, estimate_run
 from attncam.stages.sanity import sanity_check
 from attncam.viz import sanity_figure
 
@@ -71,7 +68,6 @@ __all__ = [
     "ImageFilesDataset",
     "ModelInfo",
     "applicable_specs",
-    "list_layers",
     "load_data",
     "load_model",
     "method_specs",
@@ -98,32 +94,6 @@ def _layer(cfg: DictConfig) -> Any:
     if isinstance(layer, DictConfig | list) or OmegaConf.is_list(layer):
         return list(OmegaConf.to_object(layer))  # type: ignore[arg-type]
     return layer
-
-
-def list_layers(cfg: DictConfig) -> str:
-    """``list_layers=true``: the model's layers with their output sizes at the run's image size.
-
-    The size is ``image_size``, else the checkpoint's, else the data config's, else 224.
-    """
-    model = load_model(cfg)
-    size = cfg.get("image_size") or model.image_size
-    if size is None and cfg.get("data") is not None:
-        size = cfg.data.get("image_size")
-    size = int(size) if size else image_size_for(cfg, model)
-    return format_layers(layer_table(model.net, size), size)
-
-
-def _estimate(
-    net: nn.Module, specs: list[Any], metrics_cfg: dict[str, Any], data: DataInfo, ids: list[int],
-    layer: Any,
-) -> None:  # fmt: skip
-    """The estimate line before the work starts (:func:`attncam.stages.progress.log_estimate`)."""
-    from attncam.explain import model_api
-
-    first = layer[0] if isinstance(layer, list) else layer
-    first = str(first).split(":", 1)[0] if first else model_api.cam_layer(net)
-    size = int(data.dataset[ids[0]][0].shape[-1]) if ids else 224
-    log_estimate(net, specs, metrics_cfg, len(ids), size, first)
 
 
 def _loader(cfg: DictConfig, data: DataInfo, ids: list[int]) -> DataLoader:
@@ -245,8 +215,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     assert isinstance(metrics_cfg, dict)
     plan = design.plan(cfg, data.dataset, model.net, specs, layer, metrics_cfg)
     plan["calibration"] = design.calibration(model.net, data.datamodule, metrics_cfg)
-    if chosen is not None:
-        plan["ids"] = chosen
+    plan["ids"] = chosen if chosen is not None else plan["ids"]
     drop_localisation(metrics_cfg, data, plan["ids"])
     specs = plan["specs"]
     loader = _loader(cfg, data, plan["ids"])
@@ -258,7 +227,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     loggers = build_loggers(cfg, out)
     trainer = _trainer(cfg, out, loggers, len(plan["ids"]))
     if trainer.is_global_zero:
-        _estimate(model.net, specs, metrics_cfg, data, plan["ids"], layer)
+        estimate_run(model.net, specs, metrics_cfg, data.dataset, plan["ids"], layer)
     start = time.perf_counter()
     try:
         trainer.test(module, dataloaders=loader, verbose=False)

@@ -46,6 +46,7 @@ __all__ = [
     "format_layers",
     "image_size_for",
     "layer_table",
+    "list_layers",
     "load_data",
     "load_model",
     "method_specs",
@@ -264,10 +265,10 @@ def selected_ids(cfg: DictConfig, data: DataInfo) -> list[int] | None:
 
     ``select`` holds indices into the split (or into the readable files of ``images=``, the
     ids ``image_ids.json`` and ``predictions.csv`` use) and/or, with ``images=``, file paths
-    or unique file names. It replaces ``limit``.
+    or unique file names. It replaces ``limit`` (said in the log when both are set).
 
     Raises:
-        ExplainInputError: ``select`` with ``limit``, an index out of range, a file name with
+        ExplainInputError: an index out of range, a file name with
             a data split, a name that matches no file or several, or a repeated image.
     """
     select = cfg.get("select")
@@ -275,9 +276,7 @@ def selected_ids(cfg: DictConfig, data: DataInfo) -> list[int] | None:
         return None
     items = list(OmegaConf.to_object(select)) if OmegaConf.is_list(select) else [select]  # type: ignore[arg-type]
     if cfg.get("limit") is not None:
-        raise ExplainInputError(
-            f"give select= or limit=, not both (got select={items}, limit={cfg.limit})"
-        )
+        log.info("select= chooses the images: limit=%s is not used", cfg.limit)
     n, ids = len(data.dataset), []  # type: ignore[arg-type]
     for item in items:
         if isinstance(item, int) and not isinstance(item, bool):
@@ -474,6 +473,19 @@ def format_layers(rows: list[tuple[str, str, str]], image_size: int) -> str:
     lines += [f"  {n:<{width}}  {size:<16} {marks}".rstrip() for n, size, marks in rows]
     lines.append("choose a CAM layer with layer=NAME (or a list, fused); '-': not called")
     return "\n".join(lines) + "\n"
+
+
+def list_layers(cfg: DictConfig) -> str:
+    """``list_layers=true``: the model's layers with their output sizes at the run's image size.
+
+    The size is ``image_size``, else the checkpoint's, else the data config's, else 224.
+    """
+    model = load_model(cfg)
+    size = cfg.get("image_size") or model.image_size
+    if size is None and cfg.get("data") is not None:
+        size = cfg.data.get("image_size")
+    size = int(size) if size else image_size_for(cfg, model)
+    return format_layers(layer_table(model.net, size), size)
 
 
 def check_layer(net: nn.Module, layer: Any) -> None:

@@ -26,12 +26,19 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch import nn
+from torch.utils.data import Dataset
 
 from attncam.stages.explain_module import ImagesPerSecondBar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ExplainingBar", "forwards_per_image", "log_estimate", "metric_forwards"]
+__all__ = [
+    "ExplainingBar",
+    "estimate_run",
+    "forwards_per_image",
+    "log_estimate",
+    "metric_forwards",
+]
 
 #: A forward and a backward, in forwards (the backward costs about two forwards).
 GRADIENT = 3
@@ -155,6 +162,32 @@ def log_estimate(
         "images": n_images, "methods": len(specs), "method_forwards": by_methods,
         "metric_forwards": by_metrics, "forward_s": forward_s, "seconds": seconds,
     }  # fmt: skip
+
+
+def estimate_run(
+    net: nn.Module,
+    specs: Sequence[tuple[str, Mapping[str, Any]]],
+    metrics_cfg: Mapping[str, Any],
+    dataset: Dataset,
+    ids: Sequence[int],
+    layer: Any,
+) -> dict[str, Any]:
+    """:func:`log_estimate` for the explain stage's ``ids`` of ``dataset`` and its ``layer``.
+
+    Args:
+        net: the network.
+        specs: ``[(method key, options)]``.
+        metrics_cfg: the ``metrics`` config.
+        dataset: the explained dataset (items ``(image (3, S, S), ...)``).
+        ids: the explained image ids.
+        layer: ``layer=`` (None: the model's default CAM layer; a list: its first name).
+    """
+    from attncam.explain import model_api
+
+    first = layer[0] if isinstance(layer, list) else layer
+    first = str(first).split(":", 1)[0] if first else model_api.cam_layer(net)
+    size = int(dataset[ids[0]][0].shape[-1]) if ids else 224
+    return log_estimate(net, specs, metrics_cfg, len(ids), size, first)
 
 
 def _duration(seconds: float) -> str:
