@@ -14,9 +14,19 @@ GROUPS = [p.name for p in (Path(__file__).resolve().parent / "conf").iterdir() i
 
 
 def _explain(cfg: DictConfig) -> dict:
+    from attncam.stages.cli import one_line_per_record
     from attncam.stages.explain import run
 
+    one_line_per_record()
     return run(cfg)
+
+
+def _list_layers(cfg: DictConfig) -> str:
+    from attncam.stages.cli import one_line_per_record
+    from attncam.stages.inputs import list_layers
+
+    one_line_per_record()
+    return list_layers(cfg)
 
 
 def _check(cfg: DictConfig) -> None:
@@ -31,8 +41,10 @@ def _check(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="explain")
 def main(cfg: DictConfig) -> dict:
     """Check the config, explain, and report a user error in one line (exit status 2)."""
-    from attncam.stages.cli import run_entry
+    from attncam.stages.cli import run_entry, run_info
 
+    if cfg.get("list_layers"):
+        return run_info(cfg, _list_layers, checks=[_check], groups=GROUPS)
     return run_entry(cfg, _explain, checks=[_check], groups=GROUPS)
 
 

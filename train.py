@@ -14,8 +14,10 @@ GROUPS = [p.name for p in (Path(__file__).resolve().parent / "conf").iterdir() i
 
 
 def _train(cfg: DictConfig) -> dict:
+    from attncam.stages.cli import one_line_per_record
     from attncam.stages.train import run
 
+    one_line_per_record()
     return run(cfg)
 
 

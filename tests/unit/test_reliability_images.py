@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from attncam.data.datamodule import ImageFolderDataModule
@@ -121,3 +123,105 @@ def test_a_10000_by_10000_image_is_decoded_and_resized(tmp_path: Path) -> None:
     assert any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught)
     out, _ = EvalTransform(32)(image)
     assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- images= folders
+
+
+def _explain_cfg(**values: object) -> DictConfig:
+    base = {"images": None, "image_size": 32, "limit": None, "select": None}
+    return OmegaConf.create({**base, **values})
+
+
+def _photo_tree(root: Path) -> None:
+    """``cats/{a,b}.png``, ``Dogs/a.png``, ``other/c.png``, ``top.png`` and a hidden file."""
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    for rel in ("cats/a.png", "cats/b.png", "Dogs/a.png", "other/c.png", "top.png", ".x/h.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(root / rel)
+
+
+def test_a_folder_is_read_recursively_with_class_subfolders_as_labels(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from attncam.stages.inputs import ModelInfo, load_data
+
+    _photo_tree(tmp_path)
+    model = ModelInfo(net=torch.nn.Identity(), source="checkpoint", class_names=["dog", "cats"])
+    with caplog.at_level(logging.INFO, logger="attncam.stages.inputs"):
+        data = load_data(_explain_cfg(images=str(tmp_path)), model)
+    names = [str(Path(p).relative_to(tmp_path)) for p in data.paths or []]
+    assert names == ["Dogs/a.png", "cats/a.png", "cats/b.png", "other/c.png", "top.png"]
+    # "Dogs" matches "dog"? No: only case, "_" and "-" are ignored, so it is unlabelled.
+    assert [data.dataset[i][1] for i in range(5)] == [-1, 1, 1, -1, -1]
+    (line,) = [r.getMessage() for r in caplog.records if "labelled by their subfolder" in r.message]
+    assert "2 of 5 images labelled" in line and "3 unlabelled" in line
+    assert "name no class of the model: Dogs, other" in line
+
+
+def test_imagenet_style_names_match_any_comma_separated_part(tmp_path: Path) -> None:
+    from attncam.data.files import image_paths, subfolder_labels
+
+    _photo_tree(tmp_path)
+    paths = image_paths(str(tmp_path))
+    labels, unknown = subfolder_labels(str(tmp_path), paths, ["tabby, cats", "Dogs_"])
+    assert labels == [1, 0, 0, -1, -1] and unknown == ["other"]
+    # files given one by one or by a glob are never labelled by their folder
+    assert subfolder_labels([str(p) for p in paths], paths, ["cats"])[0] == [-1] * 5
+
+
+def test_select_by_index_and_file_and_its_errors(tmp_path: Path) -> None:
+    from attncam.stages.inputs import ExplainInputError, ModelInfo, load_data, selected_ids
+
+    _photo_tree(tmp_path)
+    model = ModelInfo(net=torch.nn.Identity(), source="pretrained", class_names=None)
+    data = load_data(_explain_cfg(images=str(tmp_path)), model)
+    pick = _explain_cfg(select=[4, "cats/b.png", str(tmp_path / "Dogs" / "a.png")])
+    assert selected_ids(pick, data) == [4, 2, 0]
+    assert selected_ids(_explain_cfg(select=3), data) == [3]
+    assert selected_ids(_explain_cfg(), data) is None
+    errors = {
+        "select index 9 is out of range; choose 0..4": [9],
+        "select='a.png' matches 2 files": ["a.png"],
+        "select='zzz.png' matches no explained file": ["zzz.png"],
+        "must name at least one image, each once": [1, 1],
+    }
+    for message, select in errors.items():
+        with pytest.raises(ExplainInputError, match=re.escape(message)):
+            selected_ids(_explain_cfg(select=select), data)
+    assert selected_ids(_explain_cfg(select=[1], limit=2), data) == [1]  # select wins
+    split = type(data)(dataset=data.dataset, class_names=None, source="split")
+    with pytest.raises(ExplainInputError, match="a data split has no file names"):
+        selected_ids(_explain_cfg(select=["top.png"]), split)
+
+
+def test_localisation_metrics_are_dropped_only_without_masks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from attncam.metrics import METRIC_KEYS
+    from attncam.stages.inputs import (
+        LOCALISATION_METRICS,
+        DataInfo,
+        ExplainInputError,
+        drop_localisation,
+    )
+
+    assert set(LOCALISATION_METRICS) <= set(METRIC_KEYS)
+    image = torch.zeros(3, 8, 8)
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    masked = mask.clone()
+    masked[2:4, 2:4] = True
+    # a split whose third image has a mask keeps them; files (paths) never have masks
+    split = DataInfo([(image, 0, mask), (image, 1, mask), (image, 0, masked)], None, "split")
+    cfg = {"enabled": ["average_drop", "pointing_game"]}
+    assert drop_localisation(cfg, split, [0, 1, 2]) == [] and cfg["enabled"][1] == "pointing_game"
+    files = DataInfo([(image, -1, mask)], None, "images=x", paths=["x.png"])
+    every: dict[str, object] = {"enabled": None}
+    with caplog.at_level(logging.INFO, logger="attncam.stages.inputs"):
+        assert drop_localisation(every, files, [0]) == list(LOCALISATION_METRICS)
+    assert every["enabled"] == [
+        k for k in METRIC_KEYS if k not in LOCALISATION_METRICS and k != "grid_pointing_game"
+    ]
+    assert sum("localisation metrics left out" in r.message for r in caplog.records) == 1
+    with pytest.raises(ExplainInputError, match="only localisation metrics are enabled"):
+        drop_localisation({"enabled": ["mask_iou"]}, files, [0])

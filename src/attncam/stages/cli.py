@@ -272,6 +272,37 @@ class DeferredFileHandler(logging.FileHandler):
         super().close()
 
 
+class _DropAdvert(logging.Filter):
+    """Drops Lightning's advertising line ("💡 Tip: ... try installing litlogger")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
+
+
+def one_line_per_record() -> None:
+    """Each log record printed once: Lightning's own console handler goes when Hydra logs.
+
+    ``import lightning`` gives the ``lightning`` logger a ``StreamHandler`` that also
+    propagates to the root logger, where Hydra's console handler prints the record again.
+    Lightning's own deprecation notice about torch's ``LeafSpec`` (not the user's to fix) is
+    silenced.
+    Call after ``lightning`` is imported; a no-op when the root logger has no handler (outside
+    Hydra, Lightning's handler is the only one). Lightning's advertising line is dropped.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    if not logging.getLogger().handlers:
+        return
+    lightning_log = logging.getLogger("lightning")
+    for handler in list(lightning_log.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning_log.removeHandler(handler)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvert) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropAdvert())
+
+
 def _deferred_handlers() -> list[DeferredFileHandler]:
     return [h for h in logging.getLogger().handlers if isinstance(h, DeferredFileHandler)]
 
@@ -553,6 +584,54 @@ def run_entry(
         raise
 
 
+def run_info(
+    cfg: DictConfig,
+    producer: Callable[[DictConfig], str],
+    checks: Iterable[Callable[[DictConfig], Any]] = (),
+    groups: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Answer a question about the config (e.g. ``list_layers=true``) on stdout; no run folder.
+
+    The same pre-flight checks and user-error handling as :func:`run_entry`, but nothing is
+    written: the job's held log records are dropped and the folder Hydra made is removed if
+    it is empty.
+
+    Args:
+        cfg: the composed config.
+        producer: returns the text to print (imported inside, so the checks come first).
+        checks: extra pre-flight checks of ``cfg``.
+        groups: the stage's config groups.
+
+    Returns:
+        ``{"status": "INFO", "text": ...}``.
+
+    Raises:
+        SystemExit: status 2 after a user error.
+    """
+    global _JOB
+    _JOB = job = _hydra_job()
+    job.refused = True  # nothing may be written into the folder Hydra made
+    try:
+        check_top_level_keys(cfg, job.overrides, groups)
+        for check in checks:
+            check(cfg)
+        text = producer(cfg)
+    except Exception as err:
+        if is_user_error(err):
+            job.refused = False
+            _report_user_error(err, job)
+            raise SystemExit(USER_ERROR_EXIT) from None
+        raise
+    finally:
+        for handler in _deferred_handlers():
+            handler.discard()
+        if job.hydra_dir is not None:
+            remove_empty_dirs(job.hydra_dir)
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return {"status": "INFO", "text": text}
+
+
 __all__ = [
     "FINISHED_MARKERS",
     "USER_ERRORS",
@@ -571,6 +650,8 @@ __all__ = [
     "is_user_error",
     "process_rank",
     "refuse_finished",
+    "one_line_per_record",
     "remove_empty_dirs",
     "run_entry",
+    "run_info",
 ]

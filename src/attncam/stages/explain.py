@@ -30,16 +30,18 @@ from attncam.explain import result_name
 from attncam.io import write_json_atomic, write_text_atomic
 from attncam.stages import design
 from attncam.stages.common import build_loggers, task_wrapper
-from attncam.stages.explain_module import ExplainModule, ImagesPerSecondBar, WithIds, target_choice
+from attncam.stages.explain_module import ExplainModule, WithIds, target_choice
 from attncam.stages.grid_pass import grid_pointing
 from attncam.stages.inputs import (
     DataInfo,
     ExplainInputError,
     ModelInfo,
     applicable_specs,
+    drop_localisation,
     load_data,
     load_model,
     method_specs,
+    selected_ids,
 )
 from attncam.stages.outputs import (
     build_manifest,
@@ -52,6 +54,7 @@ from attncam.stages.outputs import (
     write_predictions,
     write_tables,
 )
+from attncam.stages.progress import ExplainingBar, estimate_run
 from attncam.stages.sanity import sanity_check
 from attncam.viz import sanity_figure
 
@@ -105,8 +108,8 @@ def _loader(cfg: DictConfig, data: DataInfo, ids: list[int]) -> DataLoader:
     )
 
 
-def _trainer(cfg: DictConfig, out: Path, loggers: list[Any]) -> L.Trainer:
-    """A test-only Trainer with gradients enabled (``inference_mode=False``)."""
+def _trainer(cfg: DictConfig, out: Path, loggers: list[Any], n_images: int) -> L.Trainer:
+    """A test-only Trainer with gradients enabled (``inference_mode=False``), a bar in images."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(kwargs, dict)
     for k in _TRAINING_ONLY:
@@ -116,7 +119,7 @@ def _trainer(cfg: DictConfig, out: Path, loggers: list[Any]) -> L.Trainer:
         default_root_dir=str(out),
         inference_mode=False,
         logger=loggers or False,
-        callbacks=[ImagesPerSecondBar()],
+        callbacks=[ExplainingBar(n_images)],
         enable_checkpointing=False,
     )
 
@@ -205,6 +208,7 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.threads))
     model = load_model(cfg)
     data = load_data(cfg, model)
+    chosen = selected_ids(cfg, data)
     layer = _layer(cfg)
     strict = bool(cfg.get("strict_methods", False))
     specs, skipped_methods = applicable_specs(model.net, method_specs(cfg), layer, strict)
@@ -212,6 +216,8 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
     assert isinstance(metrics_cfg, dict)
     plan = design.plan(cfg, data.dataset, model.net, specs, layer, metrics_cfg)
     plan["calibration"] = design.calibration(model.net, data.datamodule, metrics_cfg)
+    plan["ids"] = chosen if chosen is not None else plan["ids"]
+    drop_localisation(metrics_cfg, data, plan["ids"])
     specs = plan["specs"]
     loader = _loader(cfg, data, plan["ids"])
     module = ExplainModule(
@@ -222,7 +228,9 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         maps_dtype=str(cfg.get("save_maps_dtype", "float32")),
     )  # fmt: skip
     loggers = build_loggers(cfg, out)
-    trainer = _trainer(cfg, out, loggers)
+    trainer = _trainer(cfg, out, loggers, len(plan["ids"]))
+    if trainer.is_global_zero:
+        estimate_run(model.net, specs, metrics_cfg, data.dataset, plan["ids"], layer)
     start = time.perf_counter()
     try:
         trainer.test(module, dataloaders=loader, verbose=False)
