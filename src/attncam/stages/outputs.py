@@ -74,7 +74,7 @@ _UNITS: tuple[tuple[str, str, str], ...] = (
     ("average_drop", "%", "lower"),
     ("increase_in_confidence", "%", "higher"),
     ("percentage_in", "%", "higher"),
-    ("kept_fraction", "fraction of pixels", ""),
+    ("kept_fraction", "% of pixels", ""),
     ("energy_pointing_game", "%", "higher"),
     ("grid_pointing_game", "%", "higher"),
     ("pointing_game", "%", "higher"),
