@@ -382,3 +382,13 @@ def test_script_writes_new_files_and_never_replaces(tmp_path: Path, capsys) -> N
     assert out.read_text() == "keep"
     with pytest.raises(SystemExit):
         script.main([*args, "--resamples", "100"])
+
+
+def test_wilson_bounds_are_exact_at_the_extremes() -> None:
+    """0/96 has lower bound exactly 0 and 96/96 upper bound exactly 1 (no 3e-16 round-off)."""
+    from attncam.metrics.compare import wilson_interval
+
+    low, high = wilson_interval(0, 96)
+    assert low == 0.0 and 0.03 < high < 0.04
+    low, high = wilson_interval(96, 96)
+    assert high == 1.0 and 0.96 < low < 0.97
