@@ -47,7 +47,7 @@ def _pip(*args: str) -> None:
 def points_here(direct_url: str, root: pathlib.Path = ROOT) -> bool:
     """Whether an install's ``direct_url.json`` text is an editable install of ``root`` itself.
 
-    The URL is compared whole: ``/work/main`` is not ``/work/main-2``.
+    The URL is compared whole: ``clones/a`` is not ``clones/a-2``.
     """
     try:
         info = json.loads(direct_url or "{}")

@@ -60,6 +60,23 @@ def eval_mode(model: nn.Module, freeze: bool = False) -> Iterator[nn.Module]:
             m.training = mode
 
 
+def slug(name: str) -> str:
+    """A result name as a ``ModuleDict`` key, ``maps.npz`` array name and file-name part.
+
+    ``.`` becomes ``_``, ``[`` becomes ``__``, ``]`` is dropped, ``=`` becomes ``-`` and ``,``
+    becomes ``_``: ``gradcampp[torchcam020]`` -> ``gradcampp__torchcam020``,
+    ``scacam[channel_weight=fc]`` -> ``scacam__channel_weight-fc``. Here, not in ``explain``, so
+    ``metrics`` and ``viz`` (which may not import ``explain``) name results the same way.
+    """
+    return (
+        name.replace(".", "_")
+        .replace("[", "__")
+        .replace("]", "")
+        .replace("=", "-")
+        .replace(",", "_")
+    )
+
+
 def library_versions(names: tuple[str, ...] = RUN_DISTRIBUTIONS) -> dict[str, str]:
     """Installed versions of ``names`` (``"not installed"`` when absent), plus Python's.
 
@@ -75,4 +92,11 @@ def library_versions(names: tuple[str, ...] = RUN_DISTRIBUTIONS) -> dict[str, st
     return out
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RUN_DISTRIBUTIONS", "eval_mode", "library_versions"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "RUN_DISTRIBUTIONS",
+    "eval_mode",
+    "library_versions",
+    "slug",
+]

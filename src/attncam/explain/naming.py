@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from attncam.runtime import slug  # noqa: F401  (re-exported: attncam.explain.slug)
+
 V = TypeVar("V")
 
 _MISSING = object()
@@ -58,21 +60,6 @@ def result_name(
         else:
             parts.append(f"{k}={v}")
     return f"{key}[{','.join(parts)}]" if parts else key
-
-
-def slug(name: str) -> str:
-    """``name`` as a ``ModuleDict`` key and ``maps.npz`` array name.
-
-    ``gradcampp[torchcam020]`` -> ``gradcampp__torchcam020``,
-    ``scacam[channel_weight=fc]`` -> ``scacam__channel_weight-fc``.
-    """
-    return (
-        name.replace(".", "_")
-        .replace("[", "__")
-        .replace("]", "")
-        .replace("=", "-")
-        .replace(",", "_")
-    )
 
 
 def find_result(results: Mapping[str, V], name: str) -> V:

@@ -46,6 +46,7 @@ from attncam.metrics.localization import (
 from attncam.metrics.perturb import BaseScores, Perturber
 from attncam.metrics.protocol import EvalProtocol
 from attncam.metrics.stats import DEFAULT_CONFIDENCE, DEFAULT_NUM_RESAMPLES, PerImageMetric
+from attncam.runtime import slug
 
 log = logging.getLogger(__name__)
 
@@ -62,27 +63,6 @@ SETTING_KEYS: tuple[str, ...] = (
     "occlusion",
 )
 OCCLUSION_KEYS: tuple[str, ...] = ("window", "stride")
-
-
-def slug(name: str) -> str:
-    """A ``ModuleDict``-safe key for a result name such as ``gradcampp[torchcam020]``.
-
-    ``.`` becomes ``_``, ``[`` becomes ``__``, ``]`` is dropped, ``=`` becomes ``-`` and ``,``
-    becomes ``_`` (the keys of ``maps.npz`` are written the same way).
-
-    Args:
-        name: A method's result name.
-
-    Returns:
-        The key.
-    """
-    return (
-        name.replace(".", "_")
-        .replace("[", "__")
-        .replace("]", "")
-        .replace("=", "-")
-        .replace(",", "_")
-    )
 
 
 # --------------------------------------------------------------------------- one batch

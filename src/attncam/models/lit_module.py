@@ -334,7 +334,9 @@ class ClassifierModule(L.LightningModule):
             value = getattr(self.net, attr, None)
             if value is not None:
                 meta[key] = [float(v) for v in value]
-        meta["weights_id"] = getattr(self.net, "weights_id", None)  # the weights training began from
+        meta["weights_id"] = getattr(
+            self.net, "weights_id", None
+        )  # the weights training began from
         checkpoint[METADATA_KEY] = meta
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from attncam.io import write_bytes_with
+from attncam.runtime import slug
 
 __all__ = [
     "LABEL_PT",
@@ -149,14 +150,7 @@ def file_slug(name: str) -> str:
 
     ``gradcampp[torchcam020]`` -> ``gradcampp__torchcam020``,
     ``scacam[channel_weight=fc]`` -> ``scacam__channel_weight-fc`` (the same as
-    ``attncam.explain.naming.slug``, which :mod:`attncam.viz` may not import); any remaining
+    ``attncam.runtime.slug``); any remaining
     character outside ``[A-Za-z0-9_.-]`` (a space, ``/``) becomes ``-``.
     """
-    out = (
-        name.replace(".", "_")
-        .replace("[", "__")
-        .replace("]", "")
-        .replace("=", "-")
-        .replace(",", "_")
-    )
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", out)
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", slug(name))

@@ -24,6 +24,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from attncam.io import write_text_atomic
+from attncam.stages.outputs import fmt
 from attncam.stages.reproduce.names import (
     AG,
     AG_VARIANTS,
@@ -112,16 +113,6 @@ def imagenet_commands() -> list[str]:
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def fmt(r: Mapping[str, Any] | None, digits: int = 2) -> str:
-    """``value [low, high]`` or ``n/a``."""
-    if not r or r.get("value") is None:
-        return "n/a"
-    v, lo, hi = r["value"], r.get("low"), r.get("high")
-    if lo is None or hi is None:
-        return f"{v:.{digits}f}"
-    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def digits_of(metric: str) -> int:
