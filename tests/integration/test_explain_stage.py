@@ -205,6 +205,9 @@ def test_never_overwrites_a_finished_run(checkpoint: Path, tmp_path: Path) -> No
     assert (out / "metrics.json").read_bytes() == before
 
 
+# Slow (two gloo processes, ~20-45 s): the default suite keeps DDP covered by
+# tests/integration/test_metrics_ddp.py (synced metrics and per-image values equal one process).
+@pytest.mark.slow
 def test_ddp_two_processes_give_the_single_process_table(checkpoint: Path, tmp_path: Path) -> None:
     common = [f"ckpt={checkpoint}", "method=[gradcam,attention_guided]", "limit=8", "batch_size=2",
               "logger=csv", *FAST_METRICS]  # fmt: skip
