@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -30,6 +32,33 @@ def compose(name: str, overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return hydra_compose(config_name=name, overrides=overrides)
+
+
+def train_tiny(
+    out: Path, cache_dir: str, extra: Sequence[str] = (), logger: str = "none"
+) -> dict[str, Any]:
+    """One epoch of tiny CBAM on the small synthetic set into ``out`` (no test split).
+
+    Returns the train stage's results (``best_checkpoint``, ...); torch's thread count is
+    restored afterwards (the stage may change it).
+    """
+    import torch
+    from omegaconf import open_dict
+
+    from attncam.stages import train as train_stage
+
+    cfg = compose(
+        "train",
+        ["model=tiny", "attention=cbam", f"logger={logger}", "trainer.max_epochs=1", "test=false",
+         f"data.cache_dir={cache_dir}", *SMALL_DATA, *extra],
+    )  # fmt: skip
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    threads = torch.get_num_threads()
+    try:
+        return train_stage.run(cfg)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_cli(

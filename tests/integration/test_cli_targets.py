@@ -7,11 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import open_dict
 
 from attncam.data.synthetic import class_names
-from attncam.stages import train as train_stage
-from tests.integration.helpers import FAST_METRICS, SMALL_DATA, compose, run_cli
+from tests.integration.helpers import FAST_METRICS, run_cli, train_tiny
 
 ONE_LINE = {"HYDRA_FULL_ERROR": "0"}
 
@@ -20,14 +18,7 @@ ONE_LINE = {"HYDRA_FULL_ERROR": "0"}
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Path:
     """A tiny CBAM model trained for one epoch on the small synthetic set (8 classes)."""
     out = tmp_path_factory.mktemp("train")
-    cfg = compose(
-        "train",
-        ["model=tiny", "attention=cbam", "logger=none", "trainer.max_epochs=1", "test=false",
-         f"data.cache_dir={cache_dir}", *SMALL_DATA],
-    )  # fmt: skip
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
-    return Path(train_stage.run(cfg)["best_checkpoint"])
+    return Path(train_tiny(out, cache_dir)["best_checkpoint"])
 
 
 @pytest.mark.slow  # two explain.py processes: about 20 s

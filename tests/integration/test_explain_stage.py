@@ -13,22 +13,14 @@ from PIL import Image
 from attncam.explain import available_methods
 from attncam.models.lit_module import CheckpointError
 from attncam.stages import explain as explain_stage
-from attncam.stages import train as train_stage
-from tests.integration.helpers import CONF, FAST_METRICS, SMALL_DATA, compose, run_cli
+from tests.integration.helpers import CONF, FAST_METRICS, compose, run_cli, train_tiny
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, cache_dir: str) -> Path:
     """A tiny CBAM model trained for one epoch on the small synthetic set."""
     out = tmp_path_factory.mktemp("train")
-    cfg = compose(
-        "train",
-        ["model=tiny", "attention=cbam", "logger=none", "trainer.max_epochs=1", "test=false",
-         f"data.cache_dir={cache_dir}", *SMALL_DATA],
-    )  # fmt: skip
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
-    return Path(train_stage.run(cfg)["best_checkpoint"])
+    return Path(train_tiny(out, cache_dir)["best_checkpoint"])
 
 
 def _explain_cfg(out: Path, overrides: list[str]) -> DictConfig:

@@ -22,21 +22,12 @@ from attncam.data.datamodule import SyntheticDataModule
 from attncam.models import AttentionNet
 from attncam.models.checkpoint import METADATA_KEY, checkpoint_metadata, load_classifier
 from attncam.models.lit_module import ClassifierModule
-from attncam.stages import train as train_stage
 from attncam.stages.inputs import ExplainInputError, load_data, load_model
-from tests.integration.helpers import SMALL_DATA, compose
+from tests.integration.helpers import compose, train_tiny
 
 
 def _train(out: Path, cache_dir: str, extra: list[str] = ()) -> dict[str, Any]:  # type: ignore[assignment]
-    cfg = compose("train", ["model=tiny", "attention=cbam", "logger=csv", "trainer.max_epochs=1",
-                            "test=false", f"data.cache_dir={cache_dir}", *SMALL_DATA, *extra])  # fmt: skip
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
-    threads = torch.get_num_threads()
-    try:
-        return train_stage.run(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    return train_tiny(out, cache_dir, extra, logger="csv")
 
 
 @pytest.fixture(scope="module")
