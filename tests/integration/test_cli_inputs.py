@@ -132,3 +132,44 @@ def test_help_is_a_usage_block_naming_only_the_groups_explain_uses(tmp_path: Pat
     assert "powered by Hydra" not in proc.stdout
     assert list(tmp_path.iterdir()) == []
     assert compose("explain", ["model=tiny"]).model.backbone == "tiny"  # still composes
+
+
+def test_the_explaining_bar_moves_image_by_image_within_a_batch(monkeypatch) -> None:
+    import io
+    import types
+
+    import torch
+
+    from attncam.stages import progress
+
+    printed = io.StringIO()
+    monkeypatch.setattr(progress.sys, "stdout", printed)
+    bar = progress.ExplainingBar(8, forwards_per_image=20)  # the estimate: 20 per image
+    bar.REFRESH_S = 0.0
+    forwards = [0]
+    module = types.SimpleNamespace(on_forward=None, forwards_done=lambda: forwards[0])
+    trainer = types.SimpleNamespace(progress_bar_callback=bar)
+    monkeypatch.setattr(type(bar), "is_disabled", property(lambda self: False))
+    bar.on_test_start(trainer, module)
+    assert module.on_forward == bar._during_batch
+    seen = []
+    batch = [torch.zeros(6, 3, 4, 4)]
+    bar.on_test_batch_start(trainer, module, batch, 0)
+    for _ in range(60):  # the batch really costs 10 forwards per image
+        forwards[0] += 1
+        module.on_forward()
+        seen.append(bar.test_progress_bar.n)
+    # it ticks per image inside the batch and never claims the batch's last image early
+    assert sorted(set(seen)) == [0, 1, 2, 3]  # at the estimate's 20 forwards per image
+    bar.on_test_batch_end(trainer, module, None, batch, 0)
+    assert bar.test_progress_bar.n == 6
+    # the batch end shows 6 images and learns the measured cost: 60 forwards for 6 images
+    assert bar.forwards_per_image == 10
+    batch = [torch.zeros(2, 3, 4, 4)]  # the second batch: 15 forwards in all
+    bar.on_test_batch_start(trainer, module, batch, 1)
+    forwards[0] += 15
+    module.on_forward()
+    assert bar.test_progress_bar.n == 7
+    bar.on_test_batch_end(trainer, module, None, batch, 1)
+    assert bar.test_progress_bar.n == 8 and bar.forwards_per_image == 7.5
+    assert "Explaining" in printed.getvalue()

@@ -245,7 +245,9 @@ def test_matches_torchcam_classification_metric_normalized_softmax() -> None:
     ref.update(normalized)
     want = ref.summary()
 
-    eng = Perturber(pixel_model, Protocol(mask_space="normalized", score="softmax"))
+    # float32: the definitions are compared, not bf16 rounding (measured in benchmarks/)
+    protocol = Protocol(mask_space="normalized", score="softmax", precision="float32")
+    eng = Perturber(pixel_model, protocol)
     base = eng.base_scores(images)
     o = eng.masked_scores(images, maps, base=base)
     ad, ic = AverageDrop(), IncreaseInConfidence()
@@ -274,7 +276,8 @@ def test_deletion_insertion_matches_torchcam_without_blur() -> None:
     ref.update(normalized)
     want = ref.summary()
     # torchcam inserts into its (zero) deletion baseline: blur_kernel=0 is that protocol
-    eng = Perturber(PixelModel(net, mean, std), Protocol("normalized", blur_kernel=0, steps=7))
+    protocol = Protocol("normalized", blur_kernel=0, steps=7, precision="float32")
+    eng = Perturber(PixelModel(net, mean, std), protocol)
     metric = DeletionInsertion()
     metric.update(eng.deletion_insertion(images, maps)["map"])
     got = metric.compute()
@@ -295,7 +298,9 @@ def test_optimized_inference_copy_agrees_and_tracks_weight_updates() -> None:
     net[1].running_mean.uniform_(-1, 1)
     model = PixelModel(net, (0.5,) * 3, (0.25,) * 3).train()
     images, maps = torch.rand(3, 3, 12, 12), torch.rand(3, 12, 12)
-    plain, fast = Perturber(model), Perturber(model, optimize=True)
+    fp32 = Protocol(precision="float32")
+    plain, fast = Perturber(model, fp32), Perturber(model, fp32, optimize=True)
+    assert (plain.precision, fast.precision) == ("float32", "float32")
     a, b = plain.base_scores(images), fast.base_scores(images)
     assert torch.allclose(a.logits, b.logits, atol=1e-5) and model.training
     assert torch.allclose(
@@ -309,6 +314,12 @@ def test_optimized_inference_copy_agrees_and_tracks_weight_updates() -> None:
     assert torch.allclose(
         plain.base_scores(images).logits, fast.base_scores(images).logits, atol=1e-5
     )
+    # bf16 forwards (the default on CPUs with bf16 units) agree to bf16's 8 mantissa bits
+    bf16 = Perturber(model, Protocol(precision="bf16"), optimize=True)
+    c = bf16.base_scores(images)
+    assert bf16.precision == "bf16" and c.logits.dtype == torch.float32
+    assert torch.allclose(plain.base_scores(images).logits, c.logits, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(plain.base_scores(images).logits, c.logits)  # it did run in bf16
 
 
 def _tied_maps() -> Tensor:

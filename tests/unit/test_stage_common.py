@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import OmegaConf
 
-from attncam.stages.common import build_callbacks_from_config, build_loggers
+from attncam.stages.common import QuietWandbLogger, build_callbacks_from_config, build_loggers
 from attncam.stages.train import build_callbacks
 from tests.integration.helpers import compose
 
@@ -20,11 +20,32 @@ def test_default_loggers_are_wandb_then_csv_with_the_run_config(
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose("train", ["model=tiny", "seed=7"])
     loggers = build_loggers(cfg, tmp_path)
-    assert [type(lg) for lg in loggers] == [WandbLogger, CSVLogger]
+    assert [type(lg) for lg in loggers] == [QuietWandbLogger, CSVLogger]
     wandb_logger = loggers[0]
+    assert isinstance(wandb_logger, WandbLogger)
+    # Lightning passes anonymous=None, which makes wandb 0.31 warn on every run
+    assert "anonymous" not in wandb_logger._wandb_init  # noqa: SLF001
     assert Path(wandb_logger.save_dir) == tmp_path  # type: ignore[arg-type]
     assert wandb_logger._wandb_init["config"]["seed"] == 7  # noqa: SLF001
     assert Path(loggers[1].log_dir) == tmp_path / "csv"
+
+
+def test_the_wandb_run_starts_without_the_anonymous_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "false")
+    (logger,) = build_loggers(compose("train", ["model=tiny", "logger=wandb",
+                                                "logger.csv=null"]), tmp_path)  # fmt: skip
+    try:
+        logger.experiment  # noqa: B018 (starts the run)
+    finally:
+        wandb.finish()
+    printed = capsys.readouterr()
+    assert "offline" in printed.out + printed.err  # wandb did speak, and
+    assert "anonymous setting" not in printed.out + printed.err
 
 
 def test_logger_none_and_a_disabled_entry(tmp_path: Path) -> None:

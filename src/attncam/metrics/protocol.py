@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from attncam.inference import PRECISIONS
 from attncam.metrics import functional as MF
 
 MASK_SPACES: tuple[str, ...] = ("pixel", "normalized")
@@ -68,6 +69,10 @@ class EvalProtocol:
             Petsiuk et al. 2018), ``mean`` (every pixel the image's per-channel mean colour in
             pixel space) or ``noise`` (one ``U[0, 1]`` pixel-space noise image drawn from a
             generator seeded with ``seed``, the same for every image).
+        precision: Precision of every model forward the metrics make (the maps are always
+            computed in float32): ``auto`` (bfloat16 autocast on CPUs with bf16 matrix units,
+            float32 elsewhere), ``bf16`` or ``float32`` (for publication runs; what bf16
+            changes is measured in ``benchmarks/bf16_agreement.md``).
     """
 
     mask_space: str = "pixel"
@@ -84,6 +89,7 @@ class EvalProtocol:
     seed: int = 0
     temperature: float | None = None
     insertion_baseline: str = "blur"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("mask_space", self.mask_space, MASK_SPACES)
@@ -91,6 +97,7 @@ class EvalProtocol:
         check_choice("target", self.target, TARGETS)
         check_choice("percentage_variant", self.percentage_variant, PERCENTAGE_VARIANTS)
         check_choice("insertion_baseline", self.insertion_baseline, INSERTION_BASELINES)
+        check_choice("precision", self.precision, PRECISIONS)
         self._check_temperature()
         if int(self.steps) < 1:
             raise ValueError(f"steps must be >= 1; got {self.steps}")

@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins import LayerSync
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from attncam.io import atomic_torch_save, write_json_atomic, write_text_atomic
 from attncam.models.syncbn import DistributedBatchNormPlugin
+from attncam.runtime import tune_allocator
 from attncam.stages.cli import accept_run, refuse_finished
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ __all__ = [
     "SIGTERM_EXIT",
     "WANDB_ID_FILE",
     "AtomicCheckpointIO",
+    "QuietWandbLogger",
     "ResumableCSVLogger",
     "build_callbacks_from_config",
     "build_loggers",
@@ -165,6 +167,20 @@ def _step(row: Mapping[str, Any]) -> float:
         return 0.0
 
 
+class QuietWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` without its ``anonymous=None`` argument.
+
+    Lightning always passes ``anonymous`` to ``wandb.init``; wandb >= 0.19 ignores it and prints
+    "The anonymous setting has no effect" on every run. ``build_loggers`` uses this class for
+    ``lightning.pytorch.loggers.WandbLogger`` entries; every other argument is unchanged.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+
 class ResumableCSVLogger(CSVLogger):
     """Lightning's ``CSVLogger`` that can continue a resumed run's ``metrics.csv``.
 
@@ -271,6 +287,8 @@ def build_loggers(cfg: DictConfig, out: Path, resume_step: int | None = None) ->
             extra.update(wandb_run_settings(cfg, out, conf))
         # As a partial: WandbLogger's own `config` argument would clash with instantiate's.
         factory = instantiate(conf, _partial_=True)
+        if isinstance(factory, functools.partial) and factory.func is WandbLogger:
+            factory = functools.partial(QuietWandbLogger, *factory.args, **factory.keywords)
         if resume_step is not None and isinstance(factory, functools.partial):
             cls = factory.func
             if cls is CSVLogger:
@@ -367,6 +385,7 @@ def task_wrapper(
         def run(cfg: DictConfig) -> dict[str, Any]:
             cfg, out = (prepare or refuse_finished_folder)(cfg, output_dir(cfg))
             accept_run(cfg, out)
+            log.debug("memory allocator: %s", tune_allocator())
             code = 1
             try:
                 result = fn(cfg, out)

@@ -108,7 +108,7 @@ def _loader(cfg: DictConfig, data: DataInfo, ids: list[int]) -> DataLoader:
     )
 
 
-def _trainer(cfg: DictConfig, out: Path, loggers: list[Any], n_images: int) -> L.Trainer:
+def _trainer(cfg: DictConfig, out: Path, loggers: list[Any], bar: ExplainingBar) -> L.Trainer:
     """A test-only Trainer with gradients enabled (``inference_mode=False``), a bar in images."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(kwargs, dict)
@@ -119,7 +119,7 @@ def _trainer(cfg: DictConfig, out: Path, loggers: list[Any], n_images: int) -> L
         default_root_dir=str(out),
         inference_mode=False,
         logger=loggers or False,
-        callbacks=[ExplainingBar(n_images)],
+        callbacks=[bar],
         enable_checkpointing=False,
     )
 
@@ -141,6 +141,7 @@ def _write_outputs(
         "skipped_constant_channels": module.skipped_channels,
     }
     extra["explained_class"] = module.target.text
+    extra["precision"] = module.precision()
     extra["baselines"] = run["plan"]["baselines"]
     extra["calibration"] = run["plan"]["calibration"]
     extra["identical_by_construction"] = module.explainer.equivalent_groups
@@ -153,6 +154,7 @@ def _write_outputs(
         sanity, cascade = sanity_check(
             model.net, run["specs"], run["layer"], data.dataset,
             getattr(data.dataset, "collate_fn", None), sanity_cfg, common,
+            [(r["id"], r["target"]) for r in module.records],
         )  # fmt: skip
         files.append(write_json_atomic(out / "sanity.json", sanity))
         files.append(sanity_figure(sanity, cascade, out / "figures" / "sanity.png"))
@@ -189,7 +191,9 @@ def _add_grid_pointing(
 ) -> None:  # fmt: skip
     """The grid pointing game's column (``metrics.grid_pointing.enabled``), in place."""
     seed = int(cfg.get("seed", 0))
-    grid = grid_pointing(net, specs, layer, data.datamodule, metrics_cfg, plan, seed)
+    grid = grid_pointing(
+        net, specs, layer, data.datamodule, metrics_cfg, plan, seed, cfg.get("target")
+    )
     for name, row in (grid or {}).items():
         results.setdefault(name, {}).update(row)
 
@@ -228,9 +232,11 @@ def run(cfg: DictConfig, out: Path) -> dict[str, Any]:
         maps_dtype=str(cfg.get("save_maps_dtype", "float32")),
     )  # fmt: skip
     loggers = build_loggers(cfg, out)
-    trainer = _trainer(cfg, out, loggers, len(plan["ids"]))
+    bar = ExplainingBar(len(plan["ids"]))
+    trainer = _trainer(cfg, out, loggers, bar)
     if trainer.is_global_zero:
-        estimate_run(model.net, specs, metrics_cfg, data.dataset, plan["ids"], layer)
+        estimate = estimate_run(model.net, specs, metrics_cfg, data.dataset, plan["ids"], layer)
+        bar.forwards_per_image = estimate["metric_forwards"]
     start = time.perf_counter()
     try:
         trainer.test(module, dataloaders=loader, verbose=False)

@@ -10,19 +10,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from attncam.explain import Explainer
+from attncam.inference import resolve_precision
 from attncam.metrics.baselines import baseline_maps
 from attncam.metrics.suite import MetricSuite
 
@@ -170,36 +169,6 @@ def target_choice(
     return TargetChoice(kind="class", cls=cls, text=_class_text(cls, class_names))
 
 
-class ImagesPerSecondBar(TQDMProgressBar):
-    """The test progress bar counts images and images per second, not batches."""
-
-    def __init__(self, refresh_rate: int = 1) -> None:
-        super().__init__(refresh_rate=refresh_rate)
-        self._images = 0
-        self._start = 0.0
-
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Reset the counters."""
-        super().on_test_start(trainer, pl_module)
-        self._images, self._start = 0, time.perf_counter()
-
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Show images done and images per second."""
-        super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        self._images += int(batch[0].shape[0])
-        rate = self._images / max(time.perf_counter() - self._start, 1e-9)
-        if self.test_progress_bar is not None:
-            self.test_progress_bar.set_postfix(images=self._images, img_s=f"{rate:.2f}")
-
-
 class FigureRows:
     """The first ``keep`` images of the run with their maps and predictions, for the grid."""
 
@@ -296,12 +265,35 @@ class ExplainModule(L.LightningModule):
         self.records: list[dict[str, Any]] = []
         self.skipped_channels: dict[str, float] = {}
         self.curves: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        #: Called before every perturbation forward (the progress bar listens here).
+        self.on_forward: Callable[[], None] | None = None
 
     def on_test_start(self) -> None:
         """Build the perturbation engine on the right device."""
         self.suite.bind(self.net)
         assert self.suite.perturber is not None
-        self.suite.perturber.before_forward = self.stop_if_asked
+        self.suite.perturber.before_forward = self._before_forward
+
+    def _before_forward(self) -> None:
+        self.stop_if_asked()
+        if self.on_forward is not None:
+            self.on_forward()
+
+    def precision(self) -> dict[str, str]:
+        """The metrics' forwards' precision and why (maps are always float32)."""
+        perturber = self.suite.perturber
+        if perturber is None:  # not bound yet: what it will resolve to
+            first = next(self.net.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+            value, why = resolve_precision(self.protocol.precision, device)
+        else:
+            value, why = perturber.precision, perturber.precision_reason
+        return {"metric_forwards": value, "why": why, "maps": "float32"}
+
+    def forwards_done(self) -> int:
+        """Images the perturbation engine has passed through the model so far."""
+        perturber = self.suite.perturber
+        return perturber.images_forwarded if perturber is not None else 0
 
     def stop_if_asked(self) -> None:
         """Raise Lightning's SIGTERMException as soon as a SIGTERM arrived (between forwards).

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from attncam import __version__
 from attncam.explain.naming import slug
 from attncam.io import save_npz_atomic, write_json_atomic, write_text_atomic
-from attncam.runtime import library_versions
+from attncam.runtime import library_versions, tune_allocator
 from attncam.stages.design import git_state
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ def _markdown(
         f"Explained class: {extra.get('explained_class') or 'the protocol target'} "
         "(per image: the target column of predictions.json).",
         "",
+        *_precision_lines(extra.get("precision")),
         "| method | " + " | ".join(_label(c) for c in main) + " |",
         "|---|" + "---|" * len(main),
     ]
@@ -233,6 +234,17 @@ def _role_notes(extra: Mapping[str, Any]) -> list[str]:
             f"the values copied): {same}."
         )
     return [line for note in notes for line in ("", note)]
+
+
+def _precision_lines(precision: Mapping[str, str] | None) -> list[str]:
+    """One line saying in which precision the metrics' forwards ran (nothing when unknown)."""
+    if not precision:
+        return []
+    return [
+        f"Metric forwards in {precision['metric_forwards']} ({precision['why']}); maps in "
+        f"{precision.get('maps', 'float32')}. `metrics.protocol.precision=float32` forces float32.",
+        "",
+    ]
 
 
 def write_tables(
@@ -497,6 +509,8 @@ def build_manifest(
         "method_specs": [{"key": k, "options": o} for k, o in run["specs"]],
         "skipped_methods": run["skipped_methods"],
         "protocol": module.protocol.to_dict(),
+        "precision": module.precision(),
+        "allocator": tune_allocator(),
         "metrics": run["metrics_cfg"],
         "data": data.source,
         "n_images": n_images,

@@ -11,7 +11,7 @@ one per level, deletion and insertion ``steps + 1`` each, ROAD two per level. It
 magnitude, not a promise: batching, ``chunk_size`` and the CPU's other work change it.
 
 :class:`ExplainingBar` replaces Lightning's "Testing DataLoader 0" bar (which counts batches) by
-an "Explaining" bar that counts images.
+an "Explaining" bar that counts images and moves image by image within a batch.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch import nn
 from torch.utils.data import Dataset
-
-from attncam.stages.explain_module import ImagesPerSecondBar
 
 log = logging.getLogger(__name__)
 
@@ -200,16 +199,30 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
-class ExplainingBar(ImagesPerSecondBar):
+class ExplainingBar(TQDMProgressBar):
     """An "Explaining" bar whose total and position count images, not batches.
+
+    Within a batch it moves image by image: the perturbation engine reports every forward
+    (``ExplainModule.on_forward``) and the bar converts forwards into images with the forwards
+    one image costs (the estimate's count for the first batch, the measured count afterwards).
+    Batch ends set it to the exact count; the postfix shows images per second.
 
     Args:
         total_images: the images the run explains.
+        forwards_per_image: the perturbation forwards one image is expected to cost (all
+            methods); None or 0: the bar moves at batch ends only until one batch is measured.
     """
 
-    def __init__(self, total_images: int) -> None:
+    #: Seconds between two in-batch refreshes.
+    REFRESH_S = 0.5
+
+    def __init__(self, total_images: int, forwards_per_image: float | None = None) -> None:
         super().__init__(refresh_rate=1)
         self.total_images = int(total_images)
+        self.forwards_per_image = float(forwards_per_image or 0.0)
+        self._images, self._start, self._last = 0, 0.0, 0.0
+        self._batch, self._fwd0 = 0, 0
+        self._module: Any = None
 
     def init_test_tqdm(self) -> Tqdm:
         """Lightning's test bar, labelled "Explaining" and counting images from the start."""
@@ -230,26 +243,57 @@ class ExplainingBar(ImagesPerSecondBar):
         """The bar's label."""
         return "Explaining"
 
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Reset the counters and listen to the module's perturbation forwards."""
+        super().on_test_start(trainer, pl_module)
+        self._images, self._start = 0, time.perf_counter()
+        self._module = pl_module
+        if hasattr(pl_module, "on_forward"):
+            pl_module.on_forward = self._during_batch
+
     def on_test_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        """Set the bar to count the run's images."""
-        if not self.has_dataloader_changed(dataloader_idx) or self.test_progress_bar is None:
+        """Note the batch's size and the forwards so far; set the bar up on the first batch."""
+        self._batch, self._fwd0 = int(batch[0].shape[0]), self._forwards()
+        if not self.has_dataloader_changed(dataloader_idx) or self._test_progress_bar is None:
             return
         bar = self.test_progress_bar
         bar.reset()
         bar.total, bar.initial, bar.unit = self.total_images, 0, "img"
         bar.set_description(self.test_description)
 
+    def _forwards(self) -> int:
+        counter = getattr(self._module, "forwards_done", None)
+        return int(counter()) if callable(counter) else 0
+
+    def _during_batch(self) -> None:
+        """Move the bar by the images the batch's forwards so far amount to (throttled)."""
+        now = time.perf_counter()
+        if self._test_progress_bar is None or self.forwards_per_image <= 0:
+            return
+        if now - self._last < self.REFRESH_S:
+            return
+        self._last = now
+        done = (self._forwards() - self._fwd0) / self.forwards_per_image
+        self._show(self._images + min(int(done), max(self._batch - 1, 0)))
+
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
         batch_idx: int, dataloader_idx: int = 0,
     ) -> None:  # fmt: skip
-        """Move the bar by the batch's images (tqdm shows images per second)."""
-        self._images += int(batch[0].shape[0])
-        bar = self.test_progress_bar
+        """Set the bar to the images done; learn the forwards one image costs."""
+        self._images += self._batch
+        if self._batch and self._forwards() > self._fwd0:
+            self.forwards_per_image = (self._forwards() - self._fwd0) / self._batch
+        self._show(self._images)
+
+    def _show(self, images: int) -> None:
+        bar = self._test_progress_bar
         if bar is None:
             return
-        bar.n = self._images
+        rate = images / max(time.perf_counter() - self._start, 1e-9)
+        bar.n = images
+        bar.set_postfix(img_s=f"{rate:.2f}", refresh=False)
         bar.refresh()

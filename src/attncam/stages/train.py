@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from attncam.io import write_json_atomic
 from attncam.models.checkpoint import check_hparams, read_checkpoint
 from attncam.models.lit_module import ClassifierModule
+from attncam.runtime import tune_allocator
 from attncam.stages.common import (
     build_callbacks_from_config,
     build_loggers,
@@ -165,6 +166,8 @@ def _results(
         "placement": module.hparams.placement,
         "epochs": trainer.current_epoch,
         "weights_id": module.net.weights_id,  # the pretrained weights training began from
+        "precision": str(trainer.precision),
+        "allocator": tune_allocator(),
     }
     results.update(_metrics_over_processes(trainer, ("val/", "train/")))
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
