@@ -183,11 +183,15 @@ def test_paper_table_costs_at_most_1_plus_5x6_forwards_per_image() -> None:
     b, h, w = 5, 24, 24
     images = torch.rand(b, 3, h, w)
     methods = {f"m{k}": torch.rand(b, h, w) for k in range(5)}
-    eng = Perturber(model, Protocol(), chunk_size=16)
+    eng = Perturber(model, Protocol(precision="float32"), chunk_size=16)
     base = eng.base_scores(images)
     table = eng.confidence_table(images, methods, base=base)
     assert model.images == b * (1 + 5 * 6)
     assert model.calls == -(-b // 16) + -(-b * 30 // 16)  # batched in chunks of 16
+    # in bf16 the full images take one more float32 forward: the predicted class is float32's
+    model.images = 0
+    Perturber(model, Protocol(precision="bf16"), chunk_size=16).base_scores(images)
+    assert model.images == 2 * b
     for name, m in methods.items():  # the batched table equals one-by-one calls
         single = eng.masked_scores(images, m, base=base)
         assert torch.allclose(table.masked[name], single, atol=1e-6)

@@ -59,8 +59,11 @@ class BaseScores:
         scores: ``Y``, shape ``(B,)``.
         targets: Target classes, shape ``(B,)`` long.
         keep: ``(B,)`` bool; False where the protocol excludes the image (``only_correct``).
-        predicted: Top-1 classes, shape ``(B,)``.
-        logits: Model outputs, shape ``(B, C)``.
+        predicted: Top-1 classes, shape ``(B,)``, of the float32 logits.
+        logits: Model outputs, shape ``(B, C)``, in float32.
+        score_logits: The outputs ``scores`` come from, in the precision of the metrics'
+            forwards (``Perturber.precision``; the same as ``logits`` in float32). Scores of
+            other targets are ``Perturber.scores(score_logits, targets)``.
     """
 
     scores: Tensor
@@ -68,6 +71,11 @@ class BaseScores:
     keep: Tensor
     predicted: Tensor
     logits: Tensor
+    score_logits: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.score_logits is None:
+            self.score_logits = self.logits
 
 
 @dataclass
@@ -233,14 +241,14 @@ class Perturber:
             self._fast, self._fast_key = fast, key
         return self._fast
 
-    def _forward(self, x: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, precision: str | None = None) -> Tensor:
         if self.before_forward is not None:
             self.before_forward()  # e.g. stop within one chunk of a SIGTERM
         self.images_forwarded += x.shape[0]
         model = self._inference_model(x[:2])
         if model is not self.model:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.precision, x.device):
+        with autocast(precision or self.precision, x.device):
             return model(x).float()
 
     def scores(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -351,13 +359,7 @@ class Perturber:
             raise ValueError(
                 f"target='{p.target}', only_correct={p.only_correct} need labels; got labels=None"
             )
-        with self._calling():
-            logits = torch.cat(
-                [
-                    self._forward(images[s : s + self.chunk_size])
-                    for s in range(0, b, self.chunk_size)
-                ]
-            ).clone()
+        logits, score_logits = self._base_logits(images)
         predicted = logits.argmax(dim=1)
         if targets is None:
             targets = labels if p.target == "label" else predicted
@@ -367,8 +369,23 @@ class Perturber:
             if labels is None:
                 raise ValueError("only_correct=True needs labels; got labels=None")
             keep = predicted == labels.to(predicted.device)
-        scores = self.scores(logits, targets)
-        return BaseScores(scores, targets, keep, predicted, logits)
+        scores = self.scores(score_logits, targets)
+        return BaseScores(scores, targets, keep, predicted, logits, score_logits)
+
+    def _base_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(float32 logits, logits in the metrics' precision)`` of the full images.
+
+        The predicted class comes from float32 (what the model predicts, and the class the
+        float32 maps explain); ``Y`` comes from the precision of the perturbed forwards, so that
+        ``Y - O`` compares like with like. In float32 the two are one forward.
+        """
+        chunks = range(0, images.shape[0], self.chunk_size)
+        with self._calling():
+            scored = torch.cat([self._forward(images[s : s + self.chunk_size]) for s in chunks])
+            if self.precision == "float32":
+                return scored.clone(), scored.clone()
+            exact = [self._forward(images[s : s + self.chunk_size], "float32") for s in chunks]
+        return torch.cat(exact).clone(), scored.clone()
 
     def _base(self, images: Tensor, base: BaseScores | None, labels: Tensor | None) -> BaseScores:
         if base is None:

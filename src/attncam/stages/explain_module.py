@@ -337,7 +337,7 @@ class ExplainModule(L.LightningModule):
             return base
         targets = self.target.targets(ids, base).to(base.targets.device)
         assert self.suite.perturber is not None
-        scores = self.suite.perturber.scores(base.logits, targets)
+        scores = self.suite.perturber.scores(base.score_logits, targets)
         return dataclasses.replace(base, targets=targets, scores=scores)
 
     def _count_skipped_channels(self, extras: Mapping[str, Any]) -> None:
