@@ -28,7 +28,14 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
     "explain": (["scripts/bench_explain.py"], "explain.md"),
     "metrics": (["scripts/bench_metrics.py"], "metrics.md"),
     "train": (["scripts/bench_train.py"], "train.md"),
+    "speed": (["scripts/bench_speed.py"], "speed.md"),
 }
+
+#: Reports whose JSON lists targets: ``(json file, section title, details file)``.
+TARGET_REPORTS: tuple[tuple[str, str, str], ...] = (
+    ("train.json", "Training targets (issue 8)", "Details, the CBAM profile and the growth table"),
+    ("speed.json", "Speed targets (issue 16)", "Details: the arms, CPU times, peak RSS, growth"),
+)
 
 
 # Import name -> distribution name, where they differ.
@@ -87,6 +94,27 @@ def _tables(md: str) -> list[str]:
     return out
 
 
+def _targets_section(path: Path, title: str, details: str) -> list[str]:
+    """A report's targets table (goal, measured ratio, status), or nothing without its JSON."""
+    if not path.is_file():
+        return []
+    res = json.loads(path.read_text())
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        f"From `{res['command']}` ({res['date']}, load average before/after "
+        f"{res['load_before']} / {res['load_after']}).",
+        "",
+        "| target | goal | measured | status |",
+        "|---|---|---|---|",
+    ]
+    for t in res["targets"]:
+        lines.append(f"| {t['target']} | {t['goal']} | {t['value']:.3f}x | {t['status']} |")
+    md = path.with_suffix(".md").name
+    return [*lines, "", f"{details}: `benchmarks/{md}`."]
+
+
 def write_results(ran: dict[str, dict[str, object]]) -> Path:
     """Rewrite ``benchmarks/RESULTS.md`` from the scripts' reports."""
     lines = [
@@ -115,25 +143,11 @@ def write_results(ran: dict[str, dict[str, object]]) -> Path:
             else "not run this time: last report reused"
         )
         lines.append(f"- `python {' '.join(cmd)}` -> `benchmarks/{report}` ({note})")
-    train_json = BENCH / "train.json"
-    if train_json.is_file():
-        res = json.loads(train_json.read_text())
-        lines += [
-            "",
-            "## Training targets (issue 8)",
-            "",
-            f"From `{res['command']}` ({res['date']}, load average before/after "
-            f"{res['load_before']} / {res['load_after']}).",
-            "",
-            "| target | goal | measured | status |",
-            "|---|---|---|---|",
-        ]
-        for t in res["targets"]:
-            lines.append(f"| {t['target']} | {t['goal']} | {t['value']:.3f}x | {t['status']} |")
-        lines += ["", "Details, the CBAM profile and the growth table: `benchmarks/train.md`."]
+    for name, title, details in TARGET_REPORTS:
+        lines += _targets_section(BENCH / name, title, details)
     for key, (_cmd, report) in SCRIPTS.items():
         path = BENCH / report
-        if key == "train" or not path.is_file():
+        if key in ("train", "speed") or not path.is_file():
             continue
         lines += ["", f"## {key.capitalize()} (from `benchmarks/{report}`)"]
         lines += _tables(path.read_text())

@@ -1,0 +1,409 @@
+"""Issue 16's speed targets, side by side in one run: the card's explain command and the allocator.
+
+    python scripts/bench_speed.py                     # card + allocator (about 10 min idle)
+    python scripts/bench_speed.py --parts card        # one part: card, full, allocator
+    python scripts/bench_speed.py --ckpt PATH         # the demo checkpoint to explain
+
+1. **card**: ``python explain.py ckpt=<demo best.ckpt> limit=N`` (the default methods and
+   metrics) with the code before issue 16 (``--baseline``, exported with ``git archive``) and
+   with this checkout, in alternation on the same images, plus this checkout with
+   ``metrics.protocol.precision=float32`` and with ``ATTNCAM_ALLOCATOR=system``: images per
+   second of the stage (its manifest's ``images_per_second``), CPU user/system seconds and peak
+   RSS of each process.
+2. **full** (``--parts full``, in ``make bench``): the card's command on the whole 400-image
+   test split with this checkout, once: the wall time the README quotes.
+3. **allocator**: glibc's default thresholds vs :func:`attncam.runtime.tune_allocator`, in
+   alternating child processes, for training (the demo recipe's model and batch) and for the
+   metrics' perturbation forwards: time per step, system time, peak RSS, and the RSS after
+   every step of a longer run (memory growth).
+
+The demo checkpoint: ``--ckpt``, else the newest ``outputs/demo/*/train/checkpoints/best.ckpt``,
+else one is trained with ``train.py experiment=demo`` (about 4 minutes) into a temporary folder.
+Writes ``benchmarks/speed.md`` and ``benchmarks/speed.json`` (targets for RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+#: The last commit before issue 16's speed work: "today's code" of the issue.
+BASELINE = "34fb0cb"
+CARD_GOAL = 8.0
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages."""
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def demo_checkpoint(given: str | None, work: Path) -> tuple[Path, str]:
+    """``(path, where it came from)`` of a demo checkpoint (see the module docstring)."""
+    if given:
+        return Path(given), "given (--ckpt)"
+    found = sorted(ROOT.glob("outputs/demo/*/train/checkpoints/best.ckpt"), key=os.path.getmtime)
+    if found:
+        return found[-1], "the newest make demo run"
+    out = work / "demo_train"
+    cmd = [sys.executable, "train.py", "experiment=demo", "logger=none", f"hydra.run.dir={out}"]
+    print("training a demo model:", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, env=_env(ROOT / "src"))
+    return out / "checkpoints" / "best.ckpt", "trained by this script (make demo's recipe)"
+
+
+def _env(src: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "ATTNCAM_ALLOCATOR"}
+    env.update(PYTHONPATH=str(src), WANDB_MODE="offline", WANDB_SILENT="true", **extra)
+    return env
+
+
+def export_baseline(rev: str, work: Path) -> Path:
+    """The tree of ``rev`` (sources, configs, entry points) in ``work/baseline``."""
+    dest = work / "baseline"
+    dest.mkdir()
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    return dest
+
+
+def run_child(cmd: list[str], cwd: Path, env: dict[str, str]) -> dict[str, float]:
+    """Run ``cmd``; its wall seconds, CPU user/system seconds and peak RSS (MiB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{out.decode()[-3000:]}")
+    return {
+        "wall_s": time.perf_counter() - start,
+        "user_s": usage.ru_utime,
+        "sys_s": usage.ru_stime,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "stdout": out.decode(errors="replace")[-4000:],
+    }
+
+
+def card_arms(ckpt: Path, base: Path, limit: int) -> dict[str, tuple[list[str], Path, dict]]:
+    """The compared explain commands: ``{arm: (argv, cwd, env)}``."""
+    args = [f"ckpt={ckpt}", f"limit={limit}", "logger=none"]
+    new = _env(ROOT / "src")
+    return {
+        "before (baseline)": (args, base, _env(base / "src")),
+        "after": (args, ROOT, new),
+        "after, precision=float32": ([*args, "metrics.protocol.precision=float32"], ROOT, new),
+        "after, ATTNCAM_ALLOCATOR=system": (args, ROOT, {**new, "ATTNCAM_ALLOCATOR": "system"}),
+    }
+
+
+def bench_card(args: argparse.Namespace, ckpt: Path, work: Path) -> dict[str, Any]:
+    """Part 1: the arms of :func:`card_arms` in alternation, ``--reps`` times each."""
+    base = export_baseline(args.baseline, work)
+    arms = card_arms(ckpt, base, args.limit)
+    runs: dict[str, list[dict[str, Any]]] = {a: [] for a in arms}
+    for rep in range(args.reps):
+        for i, (arm, (argv, cwd, env)) in enumerate(arms.items()):
+            folder = work / f"card_{rep}_{i}"
+            cmd = [sys.executable, "explain.py", *argv, f"hydra.run.dir={folder}"]
+            res = run_child(cmd, cwd, env)
+            manifest = json.loads((folder / "manifest.json").read_text())
+            res.update(img_s=manifest["images_per_second"], stage_s=manifest["seconds"])
+            res["precision"] = manifest.get("precision")
+            res.pop("stdout")
+            runs[arm].append(res)
+            print(f"  {arm}: {res['img_s']:.3f} img/s (rep {rep})", flush=True)
+    rows = {a: _median_row(r) for a, r in runs.items()}
+    before = rows["before (baseline)"]["img_s"]
+    for row in rows.values():
+        row["ratio"] = row["img_s"] / before
+    return {"limit": args.limit, "reps": args.reps, "baseline": args.baseline, "rows": rows}
+
+
+def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("img_s", "stage_s", "wall_s", "user_s", "sys_s", "peak_rss_mib")
+    row: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
+    row["precision"] = runs[0].get("precision")
+    return row
+
+
+def bench_full(ckpt: Path, work: Path) -> dict[str, Any]:
+    """Part 2: the card's command on the whole test split, this checkout, once."""
+    folder = work / "full"
+    cmd = [sys.executable, "explain.py", f"ckpt={ckpt}", "logger=none", f"hydra.run.dir={folder}"]
+    res = run_child(cmd, ROOT, _env(ROOT / "src"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    res.pop("stdout")
+    res.update(images=manifest["n_images"], img_s=manifest["images_per_second"],
+               stage_s=manifest["seconds"])  # fmt: skip
+    return res
+
+
+# ------------------------------------------------------------------ 3. allocator (child mode)
+
+
+def child_workload(kind: str, ckpt: str, steps: int) -> None:
+    """In a child process: ``steps`` training steps or perturbation batches; prints JSON."""
+    import resource
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from attncam.runtime import tune_allocator
+
+    info = tune_allocator()
+    torch.manual_seed(0)
+    step = _train_step(ckpt) if kind == "train" else _perturb_step(ckpt)
+    step()  # warm-up
+    times, rss = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+        rss.append(_rss_mib())
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"allocator": info, "step_s": statistics.median(times), "rss_mib": rss,
+                      "sys_s": usage.ru_stime, "user_s": usage.ru_utime,
+                      "peak_rss_mib": usage.ru_maxrss / 1024}))  # fmt: skip
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _train_step(ckpt: str) -> Any:
+    """One SGD step of the demo model on a batch of 64 images at 128 px (the demo recipe)."""
+    import torch
+
+    from attncam.models.checkpoint import load_classifier
+
+    net = load_classifier(ckpt).net.train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.rand(64, 3, 128, 128), torch.randint(0, 8, (64,))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def _perturb_step(ckpt: str) -> Any:
+    """Average Drop + deletion/insertion of 16 images and 3 maps (the metrics' forwards)."""
+    import torch
+
+    from attncam.metrics.perturb import Perturber
+    from attncam.models.checkpoint import load_classifier
+
+    net = load_classifier(ckpt).net.eval()
+    eng = Perturber(net, chunk_size=64, optimize=True)
+    x = torch.rand(16, 3, 128, 128)
+    maps = {f"m{i}": torch.rand(16, 128, 128) for i in range(3)}
+
+    def step() -> None:
+        base = eng.base_scores(x)
+        eng.confidence_table(x, maps, base=base, percentages=())
+        eng.deletion_insertion(x, maps, base=base)
+
+    return step
+
+
+def bench_allocator(args: argparse.Namespace, ckpt: Path) -> dict[str, Any]:
+    """Part 3: default vs tuned thresholds, alternating child processes per workload."""
+    out: dict[str, Any] = {}
+    for kind, steps in (("train", args.train_steps), ("perturb", args.perturb_steps)):
+        runs: dict[str, list[dict[str, Any]]] = {"glibc defaults": [], "tuned": []}
+        for _ in range(args.alloc_reps):
+            for arm in runs:
+                extra = {"ATTNCAM_ALLOCATOR": "system"} if arm == "glibc defaults" else {}
+                cmd = [sys.executable, __file__, "--child", kind, "--ckpt", str(ckpt),
+                       "--steps", str(steps)]  # fmt: skip
+                res = run_child(cmd, ROOT, _env(ROOT / "src", **extra))
+                runs[arm].append(json.loads(res["stdout"].strip().splitlines()[-1]))
+        out[kind] = {arm: _alloc_row(r) for arm, r in runs.items()}
+        out[kind]["speedup"] = out[kind]["glibc defaults"]["step_s"] / out[kind]["tuned"]["step_s"]
+        print(f"  allocator {kind}: {out[kind]['speedup']:.2f}x", flush=True)
+    return out
+
+
+def _alloc_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    rss = runs[0]["rss_mib"]
+    return {
+        "step_s": statistics.median(r["step_s"] for r in runs),
+        "sys_s": statistics.median(r["sys_s"] for r in runs),
+        "user_s": statistics.median(r["user_s"] for r in runs),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+        "rss_first_mid_last": [rss[0], rss[len(rss) // 2], rss[-1]],
+    }
+
+
+# ------------------------------------------------------------------ report
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 16's speed targets with their measured values and status."""
+    out = []
+    card = res.get("card")
+    if card:
+        ratio = card["rows"]["after"]["ratio"]
+        out.append({"target": "card explain command, images/s after / before", "goal": ">= 8x",
+                    "value": ratio, "status": "met" if ratio >= CARD_GOAL else "NOT met"})  # fmt: skip
+    alloc = res.get("allocator")
+    if alloc:
+        for kind in ("train", "perturb"):
+            v = alloc[kind]["speedup"]
+            out.append({"target": f"tuned allocator, {kind} step speed-up", "goal": ">= 1x",
+                        "value": v, "status": "met" if v >= 1.0 else "NOT met"})  # fmt: skip
+    return out
+
+
+def _card_lines(card: dict[str, Any]) -> list[str]:
+    lines = [
+        "## 1. The card's explain command, before and after",
+        "",
+        f"`python explain.py ckpt=<demo best.ckpt> limit={card['limit']} logger=none` (the "
+        "default methods and metrics), the arms alternating, median of "
+        f"{card['reps']} runs each. *before* is commit `{card['baseline']}` (the code issue 16 "
+        "was measured on); images/s is the stage's own (its manifest's `images_per_second`).",
+        "",
+        "| arm | images/s | ratio to before | stage s | CPU user s | CPU system s | peak RSS MiB "
+        "| metric forwards |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, r in card["rows"].items():
+        prec = (r.get("precision") or {}).get("metric_forwards", "float32 (before)")
+        lines.append(
+            f"| {arm} | {r['img_s']:.3f} | {r['ratio']:.2f}x | {r['stage_s']:.1f} | "
+            f"{r['user_s']:.1f} | {r['sys_s']:.1f} | {r['peak_rss_mib']:.0f} | {prec} |"
+        )
+    return [*lines, ""]
+
+
+def _full_lines(full: dict[str, Any]) -> list[str]:
+    return [
+        "## 2. The card's command on the whole test split (this checkout)",
+        "",
+        f"`python explain.py ckpt=<demo best.ckpt>`: {full['images']} images in "
+        f"{full['stage_s']:.0f} s of stage time ({full['img_s']:.2f} images/s), "
+        f"{full['wall_s'] / 60:.1f} min wall time for the whole command; peak RSS "
+        f"{full['peak_rss_mib']:.0f} MiB.",
+        "",
+    ]
+
+
+def _allocator_lines(alloc: dict[str, Any]) -> list[str]:
+    lines = [
+        "## 3. Allocator: glibc's defaults vs the tuned thresholds",
+        "",
+        "Child processes alternate (`ATTNCAM_ALLOCATOR=system` keeps glibc's defaults; "
+        "`attncam.runtime.tune_allocator` raises the mmap and trim thresholds to 2 GiB). "
+        "*train*: SGD steps of the demo model, batch 64 at 128 px; *perturb*: Average Drop and "
+        "deletion/insertion of 16 images x 3 maps. RSS is read after every step: first / middle / "
+        "last shows whether memory grows.",
+        "",
+        "| workload | allocator | s/step | speed-up | CPU system s | peak RSS MiB | RSS first / "
+        "mid / last MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind in ("train", "perturb"):
+        for arm in ("glibc defaults", "tuned"):
+            r = alloc[kind][arm]
+            up = f"{alloc[kind]['speedup']:.2f}x" if arm == "tuned" else "1.00x"
+            rss = " / ".join(f"{v:.0f}" for v in r["rss_first_mid_last"])
+            lines.append(
+                f"| {kind} | {arm} | {r['step_s']:.3f} | {up} | {r['sys_s']:.1f} | "
+                f"{r['peak_rss_mib']:.0f} | {rss} |"
+            )
+    return [*lines, ""]
+
+
+def render(res: dict[str, Any]) -> str:
+    """The markdown report."""
+    lines = [
+        "# Speed (issue 16): the card's command, precision and the allocator",
+        "",
+        f"`{res['command']}` on {res['date']}; load average before / after: "
+        f"{res['load_before']} / {res['load_after']}; {res['seconds'] / 60:.1f} min. "
+        f"Checkpoint: {res['checkpoint']['source']}.",
+        "",
+        "| target | goal | measured | status |",
+        "|---|---|---|---|",
+        *[f"| {t['target']} | {t['goal']} | {t['value']:.2f}x | {t['status']} |"
+          for t in res["targets"]],
+        "",
+    ]  # fmt: skip
+    if "card" in res:
+        lines += _card_lines(res["card"])
+    if "full" in res:
+        lines += _full_lines(res["full"])
+    if "allocator" in res:
+        lines += _allocator_lines(res["allocator"])
+    return "\n".join(lines)
+
+
+def write_report(res: dict[str, Any]) -> None:
+    """``benchmarks/speed.md`` and ``benchmarks/speed.json``."""
+    BENCH.mkdir(exist_ok=True)
+    res["targets"] = targets(res)
+    (BENCH / "speed.json").write_text(json.dumps(res, indent=2) + "\n")
+    (BENCH / "speed.md").write_text(render(res))
+
+
+def main() -> None:
+    """Run the chosen parts and write the report."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--parts", nargs="*", default=["card", "full", "allocator"],
+                    choices=["card", "full", "allocator"])  # fmt: skip
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--baseline", default=BASELINE, help="the commit of 'before' (git rev)")
+    ap.add_argument("--limit", type=int, default=16, help="images per card run")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--alloc-reps", type=int, default=2)
+    ap.add_argument("--train-steps", type=int, default=6)
+    ap.add_argument("--perturb-steps", type=int, default=12)
+    ap.add_argument("--quick", action="store_true", help="fewer images and steps")
+    ap.add_argument("--child", choices=["train", "perturb"], help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_workload(args.child, args.ckpt, args.steps)
+        return
+    if args.quick:
+        args.limit, args.reps, args.alloc_reps, args.train_steps, args.perturb_steps = 8, 1, 1, 3, 4
+        args.parts = [p for p in args.parts if p != "full"]
+    res: dict[str, Any] = {
+        "command": "python scripts/bench_speed.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_before": load_average(),
+    }
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ckpt, source = demo_checkpoint(args.ckpt, work)
+        res["checkpoint"] = {"path": str(ckpt), "source": source}
+        if "card" in args.parts:
+            res["card"] = bench_card(args, ckpt, work)
+        if "full" in args.parts:
+            res["full"] = bench_full(ckpt, work)
+        if "allocator" in args.parts:
+            res["allocator"] = bench_allocator(args, ckpt)
+    res.update(load_after=load_average(), seconds=time.perf_counter() - t0)
+    write_report(res)
+    print(f"wrote {BENCH / 'speed.md'} in {res['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
