@@ -20,7 +20,7 @@ Typical use::
 
 or, driving single metrics by hand::
 
-    engine = Perturber(model, EvalProtocol(), chunk_size=64)
+    engine = Perturber(model, EvalProtocol())
     base = engine.base_scores(images, labels)
     table = engine.confidence_table(images, maps_by_method, base=base)  # M * (1 + P)
     drop = AverageDrop()

@@ -43,7 +43,7 @@ from attncam.metrics.localization import (
     in_top_k,
     localisation_keep,
 )
-from attncam.metrics.perturb import BaseScores, Perturber
+from attncam.metrics.perturb import DEFAULT_CHUNK_SIZE, BaseScores, Perturber
 from attncam.metrics.protocol import EvalProtocol
 from attncam.metrics.stats import DEFAULT_CONFIDENCE, DEFAULT_NUM_RESAMPLES, PerImageMetric
 from attncam.runtime import slug
@@ -359,7 +359,7 @@ class MetricSuite(nn.Module):
         win: bool = True,
         num_resamples: int = DEFAULT_NUM_RESAMPLES,
         confidence: float = DEFAULT_CONFIDENCE,
-        chunk_size: int = 64,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         optimize_model: bool = False,
         settings: Mapping[str, Any] | None = None,
         baselines: Sequence[str] = (),
@@ -438,7 +438,7 @@ class MetricSuite(nn.Module):
             win=bool(cfg.get("win", False)),
             num_resamples=int(cfg.get("num_resamples", DEFAULT_NUM_RESAMPLES)),
             confidence=float(cfg.get("confidence", DEFAULT_CONFIDENCE)),
-            chunk_size=int(cfg.get("chunk_size", 64)),
+            chunk_size=int(cfg.get("chunk_size", DEFAULT_CHUNK_SIZE)),
             optimize_model=bool(cfg.get("optimize_model", False)),
             settings=settings,
             baselines=baselines,

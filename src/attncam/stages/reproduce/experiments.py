@@ -384,7 +384,7 @@ def stage_percentage_variants(
         )
         maps = load_maps(Path(run["output_dir"]), methods)
         protocol = EvalProtocol.from_dict(manifest["protocol"])
-        eng = Perturber(net, protocol, chunk_size=64, optimize=True)
+        eng = Perturber(net, protocol, optimize=True)
         lab = labels if protocol.target == "label" else None
         bs = int(s.explain.batch_size)
         scores = {
