@@ -369,11 +369,11 @@ def test_sigterm_stops_explain_within_a_chunk_and_keeps_finished_images(
     real = Perturber._forward
     calls = {"n": 0, "after_signal": 0, "signalled": False}
 
-    def forward(self: Any, x: Any) -> Any:
+    def forward(self: Any, x: Any, precision: Any = None) -> Any:
         calls["n"] += 1
         if calls["signalled"]:
             calls["after_signal"] += 1
-        out = real(self, x)
+        out = real(self, x, precision)
         first_batch_done = calls["n"] > 3 and bool(getattr(self, "_seen_second", False))
         if not calls["signalled"] and first_batch_done:
             calls["signalled"] = True
