@@ -1,8 +1,8 @@
 """GPU options checked on CPU (channels-last, torch.compile, bf16-mixed) and the fused CBAM path.
 
 The fused CBAM training path (``CBAM._forward_fused``) must give the outputs and gradients of the
-straightforward eq. 1 (``CBAM.forward_reference``), which stays the path for eval, autocast and
-``torch.compile``.
+straightforward eq. 1 (``CBAM.forward_reference``), which stays the path for eval and
+``torch.compile``; under bf16 autocast the fused path runs on bf16 features.
 """
 
 from __future__ import annotations
@@ -70,6 +70,35 @@ def test_fused_cbam_taps_and_partial_gradients() -> None:
     xr = x.detach().clone().requires_grad_()
     (gr,) = torch.autograd.grad(_reference_cbam(cbam, xr).sum(), xr)
     assert torch.allclose(gx, gr, atol=1e-5)
+
+
+def _grads(cbam: CBAM, x: torch.Tensor, g: torch.Tensor, fn, autocast: bool) -> tuple:
+    cbam.zero_grad()
+    xx = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = fn(xx)
+    y.backward(g.to(y.dtype))
+    grads = [xx.grad.float(), *(p.grad.float().clone() for p in cbam.parameters())]
+    return y.detach().float(), type(y.grad_fn).__name__, torch.cat([t.flatten() for t in grads])
+
+
+def test_fused_cbam_under_bf16_autocast() -> None:
+    # bf16-mixed hands CBAM bf16 features: the fused path runs, with the reference's outputs,
+    # and gradients as close to the float32 ones as the reference's own bf16 gradients.
+    torch.manual_seed(0)
+    cbam = CBAM(32, reduction=4).train()
+    nn.init.normal_(cbam.spatial_gate.bn.weight)
+    x, g = torch.randn(4, 32, 9, 7), torch.randn(4, 32, 9, 7)
+    _, _, truth = _grads(cbam, x, g, cbam.forward_reference, autocast=False)
+    yf, node, gf = _grads(cbam, x.bfloat16(), g, cbam, autocast=True)
+    yr, _, gr = _grads(cbam, x.bfloat16(), g, cbam.forward_reference, autocast=True)
+    assert node == "_DoubleGateBackward"
+    assert torch.allclose(yf, yr, rtol=1e-4, atol=1e-5)
+    err_fused, err_ref = ((t - truth).norm() / truth.norm() for t in (gf, gr))
+    assert err_fused <= 1.05 * err_ref + 1e-3
+    # float32 features under autocast keep the reference path (mixed dtypes in the maps)
+    _, node32, _ = _grads(cbam, x, g, cbam, autocast=True)
+    assert node32 != "_DoubleGateBackward"
 
 
 def test_eval_and_no_grad_use_the_reference_path() -> None:

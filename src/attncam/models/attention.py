@@ -178,7 +178,7 @@ class CBAM(nn.Module):
         return self.forward_reference(x)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The straightforward eq. 1, one autograd op at a time (eval, compile, autocast)."""
+        """The straightforward eq. 1, one autograd op at a time (eval, compile, fx)."""
         if self.channel_gate is not None:
             x = x * self.channel_gate(x)
         if self.spatial_gate is not None:
@@ -317,10 +317,18 @@ def _graph_task_id() -> int:
 
 
 def _fused_path_ok(x: torch.Tensor, training: bool) -> bool:
-    """Use the fused functions for plain training steps only (no autocast, compile or fx)."""
+    """Use the fused functions for plain training steps only (no compile or fx).
+
+    Under autocast they run when ``x`` already has the autocast dtype (bf16-mixed: the
+    backbone's conv and BN hand CBAM bf16 features), so both maps, computed by autocast's
+    linear and conv, come out in that dtype too and every fused op sees one dtype.
+    """
     if not (training and torch.is_grad_enabled()) or isinstance(x, torch.fx.Proxy):
         return False
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+    if torch.compiler.is_compiling():
+        return False
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and x.dtype != torch.get_autocast_dtype(dev):
         return False
     return x.dim() == 4 and x.is_floating_point()
 
