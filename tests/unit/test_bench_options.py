@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from attncam.models.attention import CBAM, SpatialGate
+from attncam.models.attention import CBAM, SpatialGate, _max_over_channels
 from attncam.models.lit_module import ClassifierModule
 from attncam.models.net import AttentionNet
 
@@ -30,7 +30,7 @@ def _reference_cbam(cbam: CBAM, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", [(4, 32, 9, 7), (3, 64, 1, 1), (2, 16, 5, 5)])
+@pytest.mark.parametrize("shape", [(4, 32, 9, 7), (3, 64, 1, 1), (2, 16, 5, 5), (2, 24, 16, 17)])
 def test_fused_cbam_matches_reference(shape: tuple[int, ...], channels_last: bool) -> None:
     torch.manual_seed(0)
     cbam = CBAM(shape[1], reduction=4).double().train()
@@ -51,6 +51,21 @@ def test_fused_cbam_matches_reference(shape: tuple[int, ...], channels_last: boo
     assert torch.allclose(gx1, gx2, atol=1e-12)
     for a, b in zip(gp1, gp2):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(2, 256, 16, 16), (3, 40, 16, 17), (2, 7, 20, 20)])
+def test_channel_max_tree_matches_max_dim(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    f = torch.randn(shape)
+    f[0, :, :2] = 0.0  # exact ties: the index names one of the tied channels
+    f[1, 3:5, 4] = 9.0
+    tied = torch.zeros(shape[0], 1, *shape[2:], dtype=torch.bool)
+    tied[0, :, :2] = tied[1, :, 4] = True
+    values, idx = _max_over_channels(f)
+    ref_values, ref_idx = f.max(1, keepdim=True)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(f.gather(1, idx), values)
+    assert torch.equal(idx[~tied], ref_idx[~tied])
 
 
 def test_fused_cbam_taps_and_partial_gradients() -> None:
