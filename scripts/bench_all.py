@@ -124,6 +124,11 @@ def write_results(ran: dict[str, dict[str, object]]) -> Path:
             "",
             f"From `{res['command']}` ({res['date']}, load average before/after "
             f"{res['load_before']} / {res['load_after']}).",
+            *(
+                f"Part `{part}` reused from `{v['command']}` ({v['date']}, {v['cpu']})."
+                for part in res.get("reused", [])
+                for v in [res["provenance"][part]]
+            ),
             "",
             "| target | goal | measured | status |",
             "|---|---|---|---|",

@@ -398,7 +398,8 @@ def bench_cbam(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         variants.update({"none_cl": ("none", True, None), "cbam_cl": ("cbam", True, None)})
     if args.cbam_bf16:
         bf16 = torch.bfloat16
-        variants.update({"none_bf16": ("none", False, bf16), "cbam_bf16": ("cbam", False, bf16)})
+        variants.update({"none_bf16": ("none", False, bf16), "cbam_bf16": ("cbam", False, bf16),
+                         "reference_bf16": ("reference", False, bf16)})  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, size, size, generator=gen).to(device)
     y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
@@ -432,29 +433,33 @@ def bench_cbam(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
 
 def profile_cbam(device: torch.device, size: int, batch: int) -> dict[str, Any]:
     """Where CBAM's extra time goes: per-op self time of one training step, with and without
-    CBAM, in the NCHW layout (median of 3 profiled steps per op); the ops sorted by the time
-    CBAM adds, and the two top-15 tables."""
+    CBAM, in the NCHW layout (median of 3 profiled steps per op, the networks alternating);
+    the ops sorted by the time CBAM adds, and the two top-15 tables."""
     from torch.profiler import ProfilerActivity, profile
 
     tables, per_op = [], {}
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    steps = {}
     for kind in ("none", "cbam"):
         net = _resnet50(kind).to(device).train()
         x = torch.rand(batch, 3, size, size, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
-        step = make_step(net, sgd_two_groups(net), x, y, device)
-        step()
-        runs: list[dict[str, tuple[float, int]]] = []
-        for _ in range(3):
+        steps[kind] = make_step(net, sgd_two_groups(net), x, y, device)
+        steps[kind]()
+    runs: dict[str, list[dict[str, tuple[float, int]]]] = {k: [] for k in steps}
+    for _ in range(3):  # the two networks alternate, as in the timings
+        for kind, step in steps.items():
             with profile(activities=acts) as prof:
                 step()
             avgs = prof.key_averages()
-            runs.append({e.key: (getattr(e, key) / 1e3, e.count) for e in avgs})
-        tables.append(f"{kind}:\n" + avgs.table(sort_by=key, row_limit=15))
-        names = set().union(*runs)
+            runs[kind].append({e.key: (getattr(e, key) / 1e3, e.count) for e in avgs})
+            if len(runs[kind]) == 3:
+                tables.append(f"{kind}:\n" + avgs.table(sort_by=key, row_limit=15))
+    for kind, rs in runs.items():
+        names = set().union(*rs)
         per_op[kind] = {
-            n: (statistics.median(r.get(n, (0.0, 0))[0] for r in runs), runs[-1].get(n, (0, 0))[1])
+            n: (statistics.median(r.get(n, (0.0, 0))[0] for r in rs), rs[-1].get(n, (0, 0))[1])
             for n in names
         }
     extra = []
@@ -702,7 +707,8 @@ def _md_cbam(res: dict[str, Any]) -> list[str]:
         "none_cl": "ResNet-50, channels-last",
         "cbam_cl": "+ CBAM (attncam), channels-last",
         "none_bf16": "ResNet-50, bf16 autocast",
-        "cbam_bf16": "+ CBAM (attncam), bf16 autocast",
+        "cbam_bf16": "+ CBAM (attncam, fused training path), bf16 autocast",
+        "reference_bf16": "+ CBAM (straightforward eq. 1), bf16 autocast",
     }
     for k, r in c["rows"].items():
         p = f"{r['params_M']:.2f}" if "params_M" in r else ""
@@ -731,6 +737,71 @@ def _md_cbam(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Measured on 2026-12-01 (AMD EPYC, 2 cores shared with other jobs, load average 2-4) while
+# working on issue 16; quoted in train.md beside the profile this script measures.
+CBAM_FAULTS = (
+    "counted with `getrusage` around steady-state steps (2 threads), plain ResNet-50 took "
+    "1, 14 and 40,800 minor page faults per step in three runs, + CBAM 32,899, 75,413 and "
+    "66,370; a `TorchDispatchMode` counting faults per op put 38,353 of one CBAM step's "
+    "69,079 in `convolution_backward`, 9,185 in `convolution` and 11,264 in `mul`. glibc "
+    "hands freed heap memory back to the kernel between steps and the next step's "
+    "convolutions fault it back in; with `mallopt(M_MMAP_THRESHOLD, 32 MiB)` and "
+    "`mallopt(M_TRIM_THRESHOLD, 1 GiB)` both networks took 0 to 10,753 faults per step. "
+    "That is a process-wide allocator setting, not a CBAM change: not adopted, and its "
+    "effect on the ratio could not be measured reliably on the shared CPU (1.20x to 1.47x "
+    "in single runs, with and without it alike)."
+)
+CBAM_LEVERS = (
+    (
+        "argmax-keeping max pools -> `amax` + equality mask (single ops, 1 thread, layer-1 "
+        "tensor 16x256x32x32)",
+        "channel max with indices 9.7 ms vs `amax` 1.3 ms, but `==` alone 2.3 ms (a bool "
+        "output; a multiply is 1.3 ms) and the masked add of the backward 3.7 ms; the index "
+        "from the mask (`amax`, `==`, `uint8` `max`) 7.2 to 7.9 ms at layer 1, slower than "
+        "`max` with indices at layers 2 to 4 (2.6 to 2.8 vs 2.0, 1.0 to 1.2 vs 0.6 to 0.7, "
+        "1.9 to 2.0 vs 0.2 to 0.3 ms); spatial pool: `max(-1)` with indices 5.2 ms vs `==` "
+        "3.2 ms + masked add 3.7 ms in one run (`amax` 0.3 ms)",
+        "no",
+    ),
+    (
+        "channel max with indices as a pairwise tree of `maximum` and `>` (channel j against "
+        "j + n/2), NCHW maps of 256 pixels or more",
+        "single op, 1 thread: 13.5 -> 3.5 ms (16x256x32x32), 2.0 -> 1.45 ms (16x512x16x16), "
+        "slower below (0.60 -> 0.64 ms at 8x8, 0.23 -> 0.41 ms at 4x4: not used there); "
+        "pairing neighbours (keeps `max(dim)`'s choice at exact ties) 9.4 ms; on "
+        "channels-last maps 7.5 vs 4.7 ms (not used); gate alone NCHW 293 -> 243 ms",
+        "yes",
+    ),
+    (
+        "channels-last max pools of an NCHW tensor, other layouts",
+        "`adaptive_max_pool2d` on a channels-last view (pool over C, vectorised over "
+        "pixels) 13.8 ms vs 13.3 ms for `max(1)` in the same run; the channel max chunked "
+        "over pixels, on a transposed view, or per image: 9.6 to 10.8 ms vs 9.6 ms",
+        "no",
+    ),
+    (
+        "one pass fewer: `t = g * M_s; t += dmean_c / C` as one `addcmul`",
+        "gate alone, 1 thread, 9 reps, with vs without: NCHW 272 vs 268 ms, channels-last "
+        "311 vs 296 ms (no gain)",
+        "no",
+    ),
+    (
+        "`torch.compile` of each CBAM (`forward_reference`, inductor C++ kernels)",
+        "gate alone, 1 thread: 162 ms vs 231 ms fused eager, 45 s to compile; full step "
+        "(2 threads, one run, load 2.7 to 4.1): 1.431x compiled vs 1.340x fused eager, "
+        "first step (compile) 59 s",
+        "no: no step-time gain, and 45 to 60 s of compiling would eat a few-minute demo; "
+        "no option added",
+    ),
+    (
+        "fused path under bf16 autocast (it used to fall back to the reference)",
+        "gate alone, bf16, 1 thread: 252 ms fused vs 416 ms reference (fp32 fused 207 ms); "
+        "full step: the bf16 rows above",
+        "yes",
+    ),
+)
+
+
 def _md_cbam_profile(pr: dict[str, Any]) -> list[str]:
     """Where the CBAM time goes: the profile table, what the ops are, the levers measured."""
     lines: list[str] = []
@@ -739,7 +810,8 @@ def _md_cbam_profile(pr: dict[str, Any]) -> list[str]:
         "### Where the CBAM time goes",
         "",
         "Profile of one NCHW training step of each network at the same size and batch "
-        "(`torch.profiler`, self time per op, median of 3 profiled steps; written when a "
+        "(`torch.profiler`, self time per op, median of 3 profiled steps, the networks "
+        "alternating; written when a "
         "CBAM ratio misses the goal, or with `--profile always`). Total self time: "
         f"ResNet-50 {pr['total_ms']['none']:.0f} ms, + CBAM {pr['total_ms']['cbam']:.0f} "
         "ms. The ops that CBAM adds time to, largest first:",
@@ -762,14 +834,16 @@ def _md_cbam_profile(pr: dict[str, Any]) -> list[str]:
         "gate gradients, each one memory-bound pass over the block's `(B, C, h, w)` "
         "tensor. The 16 spatial-gate convs (7x7, 2 channels to 1) and their BN are small: "
         "measured alone, forward and backward of all 16 take about 10 ms per step at this "
-        "size (channels-last, as the fused path runs them), so most of any extra "
-        "`aten::mkldnn_convolution` / `convolution_backward` time in the table is the "
-        "backbone's own 53 convolutions running slower next to CBAM's memory traffic. "
-        "Tried and measured slower on this CPU: `amax` plus a vectorised first-index "
-        "search (a full-size int32 pass costs more than the scalar loop saves), "
-        "`max_pool3d` over the channel axis, and the spatial-gate conv as unfold + matmul "
-        "(4x slower than oneDNN's); not tried: a mask-based backward, which needs three "
-        "more full passes.",
+        "size (channels-last, as the fused path runs them). The extra "
+        "`aten::mkldnn_convolution` / `convolution_backward` time is the backbone's own "
+        "convolutions, and much of it is page faults: " + CBAM_FAULTS,
+        "",
+        "Levers tried for issue 16 (each measured; the gate alone is the 16 CBAMs of this "
+        "network at their block shapes, forward + backward, variants interleaved):",
+        "",
+        "| lever | measured | adopted |",
+        "|---|---|---|",
+        *(f"| {a} | {b} | {c} |" for a, b, c in CBAM_LEVERS),
         "",
         "```",
         pr["tables"],
