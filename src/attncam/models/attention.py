@@ -353,14 +353,15 @@ _TREE_MIN_PIXELS = 256
 def _max_over_channels(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``max_c f`` and an argmax, both ``(B, 1, h, w)``, as ``f.max(1, keepdim=True)`` gives.
 
-    On large NCHW maps as a pairwise tree (channel ``j`` against ``j + n/2``, halving ``n``):
-    ``max(dim)`` with indices reduces each pixel in a scalar loop over ``C`` (13 ms on a
-    16 x 256 x 32 x 32 map, 1 thread), the tree's ``maximum`` and ``>`` are vectorised over
+    On large NCHW maps on CPU as a pairwise tree (channel ``j`` against ``j + n/2``, halving
+    ``n``): ``max(dim)`` with indices reduces each pixel in a scalar loop over ``C`` (13 ms on
+    a 16 x 256 x 32 x 32 map, 1 thread), the tree's ``maximum`` and ``>`` are vectorised over
     pixels (3.5 ms). The values are exact and the index is that of a maximum; at exact ties
     it may name another of the tied channels than ``max(dim)`` does (pairing neighbours
     instead keeps ``max(dim)``'s choice but measured 9.4 ms).
     """
-    if f.shape[1] < 2 or f.shape[2] * f.shape[3] < _TREE_MIN_PIXELS or not f.is_contiguous():
+    small = f.shape[1] < 2 or f.shape[2] * f.shape[3] < _TREE_MIN_PIXELS
+    if small or f.device.type != "cpu" or not f.is_contiguous():  # measured on CPU only
         return f.max(1, keepdim=True)
     m, levels = f, []
     while m.shape[1] > 1:
