@@ -105,6 +105,11 @@ def _targets_section(path: Path, title: str, details: str) -> list[str]:
         "",
         f"From `{res['command']}` ({res['date']}, load average before/after "
         f"{res['load_before']} / {res['load_after']}).",
+        *(
+            f"Part `{part}` reused from `{v['command']}` ({v['date']}, {v['cpu']})."
+            for part in res.get("reused", [])
+            for v in [res["provenance"][part]]
+        ),
         "",
         "| target | goal | measured | status |",
         "|---|---|---|---|",

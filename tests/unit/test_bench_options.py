@@ -1,8 +1,8 @@
 """GPU options checked on CPU (channels-last, torch.compile, bf16-mixed) and the fused CBAM path.
 
 The fused CBAM training path (``CBAM._forward_fused``) must give the outputs and gradients of the
-straightforward eq. 1 (``CBAM.forward_reference``), which stays the path for eval, autocast and
-``torch.compile``.
+straightforward eq. 1 (``CBAM.forward_reference``), which stays the path for eval and
+``torch.compile``; under bf16 autocast the fused path runs on bf16 features.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from attncam.models.attention import CBAM, SpatialGate
+from attncam.models.attention import CBAM, SpatialGate, _max_over_channels
 from attncam.models.lit_module import ClassifierModule
 from attncam.models.net import AttentionNet
 
@@ -30,7 +30,7 @@ def _reference_cbam(cbam: CBAM, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", [(4, 32, 9, 7), (3, 64, 1, 1), (2, 16, 5, 5)])
+@pytest.mark.parametrize("shape", [(4, 32, 9, 7), (3, 64, 1, 1), (2, 16, 5, 5), (2, 24, 16, 17)])
 def test_fused_cbam_matches_reference(shape: tuple[int, ...], channels_last: bool) -> None:
     torch.manual_seed(0)
     cbam = CBAM(shape[1], reduction=4).double().train()
@@ -53,6 +53,21 @@ def test_fused_cbam_matches_reference(shape: tuple[int, ...], channels_last: boo
         assert torch.allclose(a, b, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(2, 256, 16, 16), (3, 40, 16, 17), (2, 7, 20, 20)])
+def test_channel_max_tree_matches_max_dim(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    f = torch.randn(shape)
+    f[0, :, :2] = 0.0  # exact ties: the index names one of the tied channels
+    f[1, 3:5, 4] = 9.0
+    tied = torch.zeros(shape[0], 1, *shape[2:], dtype=torch.bool)
+    tied[0, :, :2] = tied[1, :, 4] = True
+    values, idx = _max_over_channels(f)
+    ref_values, ref_idx = f.max(1, keepdim=True)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(f.gather(1, idx), values)
+    assert torch.equal(idx[~tied], ref_idx[~tied])
+
+
 def test_fused_cbam_taps_and_partial_gradients() -> None:
     torch.manual_seed(0)
     cbam = CBAM(16, reduction=4).train()
@@ -70,6 +85,35 @@ def test_fused_cbam_taps_and_partial_gradients() -> None:
     xr = x.detach().clone().requires_grad_()
     (gr,) = torch.autograd.grad(_reference_cbam(cbam, xr).sum(), xr)
     assert torch.allclose(gx, gr, atol=1e-5)
+
+
+def _grads(cbam: CBAM, x: torch.Tensor, g: torch.Tensor, fn, autocast: bool) -> tuple:
+    cbam.zero_grad()
+    xx = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = fn(xx)
+    y.backward(g.to(y.dtype))
+    grads = [xx.grad.float(), *(p.grad.float().clone() for p in cbam.parameters())]
+    return y.detach().float(), type(y.grad_fn).__name__, torch.cat([t.flatten() for t in grads])
+
+
+def test_fused_cbam_under_bf16_autocast() -> None:
+    # bf16-mixed hands CBAM bf16 features: the fused path runs, with the reference's outputs,
+    # and gradients as close to the float32 ones as the reference's own bf16 gradients.
+    torch.manual_seed(0)
+    cbam = CBAM(32, reduction=4).train()
+    nn.init.normal_(cbam.spatial_gate.bn.weight)
+    x, g = torch.randn(4, 32, 9, 7), torch.randn(4, 32, 9, 7)
+    _, _, truth = _grads(cbam, x, g, cbam.forward_reference, autocast=False)
+    yf, node, gf = _grads(cbam, x.bfloat16(), g, cbam, autocast=True)
+    yr, _, gr = _grads(cbam, x.bfloat16(), g, cbam.forward_reference, autocast=True)
+    assert node == "_DoubleGateBackward"
+    assert torch.allclose(yf, yr, rtol=1e-4, atol=1e-5)
+    err_fused, err_ref = ((t - truth).norm() / truth.norm() for t in (gf, gr))
+    assert err_fused <= 1.05 * err_ref + 1e-3
+    # float32 features under autocast keep the reference path (mixed dtypes in the maps)
+    _, node32, _ = _grads(cbam, x, g, cbam, autocast=True)
+    assert node32 != "_DoubleGateBackward"
 
 
 def test_eval_and_no_grad_use_the_reference_path() -> None:
