@@ -4,7 +4,8 @@
     python scripts/bench_all.py --only train    # one script; the others' last reports are reused
     python scripts/bench_all.py --report-only   # rewrite RESULTS.md from the existing reports
 
-Each script writes its own report (``benchmarks/explain.md``, ``metrics.md``, ``train.md``);
+Each script writes its own report (``benchmarks/explain.md``, ``metrics.md``, ``train.md``,
+``speed.md``); the demo checkpoint the speed script explains is found or trained once (``--ckpt``);
 RESULTS.md collects their tables with the machine, the library versions and the exact commands.
 The budget is 30 minutes on an idle 2-core CPU.
 """
@@ -18,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +32,9 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
     "train": (["scripts/bench_train.py"], "train.md"),
     "speed": (["scripts/bench_speed.py"], "speed.md"),
 }
+
+#: Scripts that explain the demo model (``--ckpt``): bench_all finds or trains it once for both.
+DEMO_SCRIPTS = {"speed"}
 
 #: Reports whose JSON lists targets: ``(json file, section title, details file)``.
 TARGET_REPORTS: tuple[tuple[str, str, str], ...] = (
@@ -161,23 +166,41 @@ def write_results(ran: dict[str, dict[str, object]]) -> Path:
     return out
 
 
+def _run_scripts(args: argparse.Namespace, work: Path) -> dict[str, dict[str, object]]:
+    """Run the chosen scripts in sequence; the demo checkpoint is found or trained once."""
+    ran: dict[str, dict[str, object]] = {}
+    ckpt: list[str] = []
+    if DEMO_SCRIPTS & set(args.only):
+        from bench_speed import demo_checkpoint  # scripts/ is sys.path[0]
+
+        t0 = time.perf_counter()
+        path, source = demo_checkpoint(args.ckpt, work)
+        print(f"== demo checkpoint: {path} ({source}, {time.perf_counter() - t0:.0f} s)")
+        ckpt = ["--ckpt", str(path)]
+    for key in args.only:
+        extra = ckpt if key in DEMO_SCRIPTS else []
+        cmd = [sys.executable, *SCRIPTS[key][0], *extra, *(["--quick"] if args.quick else [])]
+        print(f"== {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, cwd=ROOT).returncode
+        ran[key] = {"seconds": time.perf_counter() - t0, "rc": rc}
+        if rc != 0:
+            print(f"!! {key} benchmark failed with exit {rc}", flush=True)
+    return ran
+
+
 def main() -> None:
     """Run the selected scripts in sequence and rewrite RESULTS.md."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=list(SCRIPTS), default=list(SCRIPTS))
     ap.add_argument("--quick", action="store_true", help="pass --quick to every script")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--ckpt", default=None, help="the demo checkpoint of the speed/bf16 scripts")
     args = ap.parse_args()
     ran: dict[str, dict[str, object]] = {}
     if not args.report_only:
-        for key in args.only:
-            cmd = [sys.executable, *SCRIPTS[key][0], *(["--quick"] if args.quick else [])]
-            print(f"== {' '.join(cmd[1:])}", flush=True)
-            t0 = time.perf_counter()
-            rc = subprocess.run(cmd, cwd=ROOT).returncode
-            ran[key] = {"seconds": time.perf_counter() - t0, "rc": rc}
-            if rc != 0:
-                print(f"!! {key} benchmark failed with exit {rc}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            ran = _run_scripts(args, Path(tmp))
     print(f"wrote {write_results(ran)}")
     if any(r["rc"] for r in ran.values()):
         sys.exit(1)
