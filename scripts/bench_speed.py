@@ -7,7 +7,7 @@
 1. **card**: ``python explain.py ckpt=<demo best.ckpt> limit=N`` (the default methods and
    metrics) with the code before issue 16 (``--baseline``, exported with ``git archive``) and
    with this checkout, in alternation on the same images, plus this checkout with
-   ``metrics.protocol.precision=float32`` and with ``ATTNCAM_ALLOCATOR=system``: images per
+   ``metrics.protocol.precision=bf16`` and with ``ATTNCAM_ALLOCATOR=system``: images per
    second of the stage (its manifest's ``images_per_second``), CPU user/system seconds and peak
    RSS of each process.
 2. **full** (``--parts full``, in ``make bench``): the card's command on the whole 400-image
@@ -101,7 +101,7 @@ def card_arms(ckpt: Path, base: Path, limit: int) -> dict[str, tuple[list[str], 
     return {
         "before (baseline)": (args, base, _env(base / "src")),
         "after": (args, ROOT, new),
-        "after, precision=float32": ([*args, "metrics.protocol.precision=float32"], ROOT, new),
+        "after, precision=bf16": ([*args, "metrics.protocol.precision=bf16"], ROOT, new),
         "after, ATTNCAM_ALLOCATOR=system": (args, ROOT, {**new, "ATTNCAM_ALLOCATOR": "system"}),
     }
 
@@ -284,7 +284,7 @@ def _card_lines(card: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for arm, r in card["rows"].items():
-        prec = (r.get("precision") or {}).get("metric_forwards", "float32 (before)")
+        prec = (r.get("precision") or {}).get("metric_forwards", "float32")
         lines.append(
             f"| {arm} | {r['img_s']:.3f} | {r['ratio']:.2f}x | {r['stage_s']:.1f} | "
             f"{r['user_s']:.1f} | {r['sys_s']:.1f} | {r['peak_rss_mib']:.0f} | {prec} |"

@@ -13,10 +13,10 @@ model (deletion and insertion curves, Average Drop, Percentage-in), so it runs a
   cannot trace them. The folded copy is checked against the original on the dry-run input; a
   mismatch (a conv output also used elsewhere, say) keeps the unfolded copy and says why.
 - **Channels-last** weights and inputs (oneDNN's fast layout on CPU).
-- **bfloat16 autocast on CPUs with bf16 matrix units** (``avx512_bf16`` or AMX):
-  :func:`resolve_precision` turns ``auto`` into ``bf16`` there and ``float32`` elsewhere.
-  The maps are always computed in float32 by the explainer; only the perturbation forwards
-  run in bf16. ``benchmarks/bf16_agreement.md`` measures what that changes.
+- **bfloat16 autocast when asked** (``metrics.protocol.precision=bf16``, or ``auto``: bf16 on
+  CPUs with bf16 matrix units, ``avx512_bf16`` or AMX, float32 elsewhere). The maps are always
+  computed in float32 by the explainer; only the perturbation forwards run in bf16. float32 is
+  the default: ``benchmarks/bf16_agreement.md`` measures what bf16 changes.
 
 This module imports nothing else from attncam, so any package may use it.
 """
@@ -47,9 +47,9 @@ __all__ = [
     "resolve_precision",
 ]
 
-#: ``precision=`` choices of the perturbation forwards: ``auto`` picks ``bf16`` on CPUs with
-#: bf16 matrix units and ``float32`` elsewhere.
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "float32")
+#: ``precision=`` choices of the perturbation forwards (float32 is the default): ``auto`` picks
+#: ``bf16`` on CPUs with bf16 matrix units and ``float32`` elsewhere.
+PRECISIONS: tuple[str, ...] = ("float32", "bf16", "auto")
 
 #: /proc/cpuinfo flags of CPUs whose bf16 matrix arithmetic is fast.
 BF16_FLAGS: tuple[str, ...] = ("avx512_bf16", "amx_bf16")

@@ -118,6 +118,6 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, t
     assert precision == "float32" and "no bf16 matrix units" in why
     assert "slow" in resolve_precision("bf16")[1]
     with pytest.raises(
-        ValueError, match="unknown precision 'fp16'; choose one of: auto, bf16, float32"
+        ValueError, match="unknown precision 'fp16'; choose one of: float32, bf16, auto"
     ):
         resolve_precision("fp16")

@@ -242,7 +242,7 @@ def _precision_lines(precision: Mapping[str, str] | None) -> list[str]:
         return []
     return [
         f"Metric forwards in {precision['metric_forwards']} ({precision['why']}); maps in "
-        f"{precision.get('maps', 'float32')}. `metrics.protocol.precision=float32` forces float32.",
+        f"{precision.get('maps', 'float32')} (`metrics.protocol.precision=float32|bf16|auto`).",
         "",
     ]
 
