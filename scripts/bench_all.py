@@ -1,10 +1,11 @@
 """``make bench``: run every benchmark script, then rewrite ``benchmarks/RESULTS.md``.
 
-    python scripts/bench_all.py                 # explain, metrics and training benchmarks
+    python scripts/bench_all.py                 # explain, metrics, training and bf16 benchmarks
     python scripts/bench_all.py --only train    # one script; the others' last reports are reused
     python scripts/bench_all.py --report-only   # rewrite RESULTS.md from the existing reports
 
-Each script writes its own report (``benchmarks/explain.md``, ``metrics.md``, ``train.md``);
+Each script writes its own report (``benchmarks/explain.md``, ``metrics.md``, ``train.md``,
+``bf16_agreement.md``);
 RESULTS.md collects their tables with the machine, the library versions and the exact commands.
 The budget is 30 minutes on an idle 2-core CPU.
 """
@@ -28,7 +29,10 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
     "explain": (["scripts/bench_explain.py"], "explain.md"),
     "metrics": (["scripts/bench_metrics.py"], "metrics.md"),
     "train": (["scripts/bench_train.py"], "train.md"),
+    "bf16": (["scripts/bench_bf16.py"], "bf16_agreement.md"),
 }
+#: Scripts whose RESULTS.md section is built from their JSON, not copied from their tables.
+OWN_SECTION = ("train", "bf16")
 
 
 # Import name -> distribution name, where they differ.
@@ -87,6 +91,45 @@ def _tables(md: str) -> list[str]:
     return out
 
 
+def _bf16_section() -> list[str]:
+    """Verdict and largest differences of ``benchmarks/bf16_agreement.json``, if present."""
+    path = BENCH / "bf16_agreement.json"
+    if not path.is_file():
+        return []
+    res = json.loads(path.read_text())
+    lines = [
+        "",
+        "## bf16 metric forwards vs float32 (issue 16)",
+        "",
+        f"From `{res['command'].strip()}` ({res['date']}, load average before/after "
+        f"{res['load_before']} / {res['machine']['load']}). Rule: {res['rule']}.",
+        "",
+        "| model | metric | largest \\|diff of means\\| (method) | float32 CI half-width | "
+        "ratio | swaps outside noise | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["models"].values():
+        for key, m in r["metrics"].items():
+            big = m["largest"]
+            real = sum(not s["tie"] for s in m["swaps"])
+            lines.append(
+                f"| {r['short']} | {key} | {abs(big['diff']):.3g} "
+                f"({big['method']}) | {big['half_width']:.3g} | {m['max_ratio']:.3f} | {real} | "
+                f"{r['verdict']} |"
+            )
+    training = res.get("training")
+    if training:
+        runs = training["runs"]
+        lines += [
+            "",
+            "Training in bf16-mixed (demo recipe): test/acc "
+            f"{runs['32-true']['test/acc']:.4f} (32-true) vs {runs['bf16-mixed']['test/acc']:.4f}"
+            f" (bf16-mixed), fit time ratio {training['fit_ratio']:.2f}x.",
+        ]
+    lines += ["", "Details: `benchmarks/bf16_agreement.md`."]
+    return lines
+
+
 def write_results(ran: dict[str, dict[str, object]]) -> Path:
     """Rewrite ``benchmarks/RESULTS.md`` from the scripts' reports."""
     lines = [
@@ -131,9 +174,10 @@ def write_results(ran: dict[str, dict[str, object]]) -> Path:
         for t in res["targets"]:
             lines.append(f"| {t['target']} | {t['goal']} | {t['value']:.3f}x | {t['status']} |")
         lines += ["", "Details, the CBAM profile and the growth table: `benchmarks/train.md`."]
+    lines += _bf16_section()
     for key, (_cmd, report) in SCRIPTS.items():
         path = BENCH / report
-        if key == "train" or not path.is_file():
+        if key in OWN_SECTION or not path.is_file():
             continue
         lines += ["", f"## {key.capitalize()} (from `benchmarks/{report}`)"]
         lines += _tables(path.read_text())
