@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -570,13 +571,21 @@ def machine() -> dict[str, Any]:
     }  # fmt: skip
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its waited-for children (a training)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def write_report(out: Path, res: Mapping[str, Any]) -> None:
     """``out`` (Markdown) and ``out.with_suffix('.json')``."""
     m = res["machine"]
     lines = [
         "# bf16 metric forwards: do the tables change?",
         "",
-        f"Written by `{res['command']}` on {res['date']} in {res['seconds'] / 60:.1f} min: "
+        f"Written by `{res['command']}` on {res['date']} in {res['seconds'] / 60:.1f} min "
+        f"({res['cpu_seconds'] / 60:.1f} CPU-min): "
         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"bf16 units: {'yes' if m['bf16_units'] else 'no'}; load average before / after "
         f"{res['load_before']} / {m['load']} (the machine was shared with other jobs).",
@@ -666,6 +675,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "steps": int(cfg.metrics.protocol.steps), "resamples": args.resamples, "rule": RULE,
         "models": models, "verdict": {k: r["verdict"] for k, r in models.items()},
         "training": _training(args), "seconds": time.perf_counter() - t0,
+        "cpu_seconds": cpu_seconds(),
     }  # fmt: skip
     write_report(args.out, res)
     log.info("wrote %s (%.1f min)", args.out, res["seconds"] / 60)
