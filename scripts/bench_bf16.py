@@ -15,6 +15,10 @@ every batch), so machine load affects both alike.
 
 Without ``--ckpt`` the newest ``outputs/demo/*/train/checkpoints/best.ckpt`` is used, else the
 demo recipe is trained first (``python train.py experiment=demo``, a few minutes).
+
+The "Training in bf16-mixed" section reads the run folders given to ``--train-runs`` (each
+``python train.py experiment=demo [trainer.precision=bf16-mixed] hydra.run.dir=DIR``: its
+``results.json`` and ``config.json``); without the option the last report's section is kept.
 """
 
 from __future__ import annotations
@@ -508,48 +512,53 @@ def training_section(training: Mapping[str, Any] | None) -> list[str]:
     """The "Training in bf16-mixed" section (from ``--train-runs`` or the last report)."""
     lines = ["## Training in bf16-mixed", ""]
     if not training:
-        return [
-            *lines,
-            "Not measured: pass `--train-runs FP32_DIR BF16_DIR` (see the docstring).",
-            "",
-        ]
-    runs = training["runs"]
+        return [*lines, "Not measured: pass `--train-runs DIR ...` (see the docstring).", ""]
+    reused = " (reused from the last report)" if training.get("reused") else ""
     lines += [
-        f"Measured {training['date']}{' (reused from the last report)' if training.get('reused') else ''}; "
-        f"{training['note']}",
+        f"Measured {training['date']}{reused}, in this order; {training['note']}",
         "",
         "```",
-        *[run["command"] for run in runs.values()],
+        *[run["command"] for run in training["runs"]],
         "```",
         "",
-        "| precision | val/acc | test/acc | fit s |",
-        "|---|---|---|---|",
+        "| run | precision | val/acc | test/acc | fit s |",
+        "|---|---|---|---|---|",
     ]
-    for name, run in runs.items():
+    for run in training["runs"]:
         lines.append(
-            f"| {name} | {run['val/acc']:.4f} | {run['test/acc']:.4f} | {run['fit_seconds']:.0f} |"
+            f"| `{run['dir']}` | {run['precision']} | {run['val/acc']:.4f} | "
+            f"{run['test/acc']:.4f} | {run['fit_seconds']:.0f} |"
         )
     lines += [
         "",
-        f"Fit time bf16-mixed / float32: **{training['fit_ratio']:.2f}x**. The default trainer "
-        "precision stays `32-true` (`conf/trainer/cpu.yaml`).",
+        f"Fit time bf16-mixed / float32 (total over the runs): **{training['fit_ratio']:.2f}x**. "
+        "The default trainer precision stays `32-true` (`conf/trainer/cpu.yaml`).",
         "",
     ]
     return lines
 
 
 def read_training(dirs: Sequence[Path], note: str) -> dict[str, Any]:
-    """val/test accuracy and fit time of the float32 and bf16-mixed demo runs."""
-    runs = {}
-    for name, d, extra in zip(
-        ("32-true", "bf16-mixed"), dirs, ("", " trainer.precision=bf16-mixed"), strict=True
-    ):
+    """val/test accuracy and fit time of demo trainings (precision from each ``config.json``)."""
+    runs = []
+    for d in dirs:
         res = json.loads((Path(d) / "results.json").read_text())
-        runs[name] = {
-            "command": f"python train.py experiment=demo{extra} hydra.run.dir={d}",
-            **{k: float(res[k]) for k in ("val/acc", "test/acc", "fit_seconds")},
-        }
-    ratio_ = runs["bf16-mixed"]["fit_seconds"] / runs["32-true"]["fit_seconds"]
+        precision = str(json.loads((Path(d) / "config.json").read_text())["trainer"]["precision"])
+        extra = "" if precision == "32-true" else f" trainer.precision={precision}"
+        runs.append(
+            {"dir": str(d), "precision": precision,
+             "command": f"python train.py experiment=demo{extra} hydra.run.dir={d}",
+             **{k: float(res[k]) for k in ("val/acc", "test/acc", "fit_seconds")}}
+        )  # fmt: skip
+    fit = {
+        p: sum(r["fit_seconds"] for r in runs if r["precision"] == p)
+        for p in ("32-true", "bf16-mixed")
+    }
+    if not all(fit.values()):
+        raise ValueError(
+            f"--train-runs needs 32-true and bf16-mixed runs; got {[r['precision'] for r in runs]}"
+        )
+    ratio_ = fit["bf16-mixed"] / fit["32-true"]
     return {"date": dt.date.today().isoformat(), "note": note, "runs": runs, "fit_ratio": ratio_}
 
 
@@ -643,8 +652,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--models", nargs="+", choices=["demo", "imagenet"], default=["demo", "imagenet"]
     )
     ap.add_argument("--quick", action="store_true", help="32 demo images, 8 photos")
-    ap.add_argument("--train-runs", nargs=2, type=Path, metavar=("FP32_DIR", "BF16_DIR"),
-                    help="run dirs of the float32 and bf16-mixed demo trainings (results.json)")  # fmt: skip
+    ap.add_argument("--train-runs", nargs="+", type=Path, metavar="DIR",
+                    help="run dirs of float32 and bf16-mixed demo trainings, in the order run")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "bf16_agreement.md")
     args = ap.parse_args(argv)
