@@ -19,6 +19,7 @@ demo recipe is trained first (``python train.py experiment=demo``, a few minutes
 The "Training in bf16-mixed" section reads the run folders given to ``--train-runs`` (each
 ``python train.py experiment=demo [trainer.precision=bf16-mixed] hydra.run.dir=DIR``: its
 ``results.json`` and ``config.json``); without the option the last report's section is kept.
+``--training-only --train-runs DIR ...`` rewrites that section alone, keeping the measurements.
 """
 
 from __future__ import annotations
@@ -631,6 +632,8 @@ def write_report(out: Path, res: Mapping[str, Any]) -> None:
 def _training(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.train_runs:
         note = "the machine was shared with other jobs, so the fit-time ratio is indicative."
+        if args.train_note:
+            note += " " + args.train_note
         return read_training(args.train_runs, note)
     previous = args.out.with_suffix(".json")
     if previous.is_file():
@@ -654,6 +657,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="32 demo images, 8 photos")
     ap.add_argument("--train-runs", nargs="+", type=Path, metavar="DIR",
                     help="run dirs of float32 and bf16-mixed demo trainings, in the order run")  # fmt: skip
+    ap.add_argument("--train-note", default="", help="said about the training runs")
+    ap.add_argument("--training-only", action="store_true",
+                    help="rewrite the report's training section (--train-runs), keep the rest")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "bf16_agreement.md")
     args = ap.parse_args(argv)
@@ -666,6 +672,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Score both models in both precisions and write the report."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.training_only:
+        res = json.loads(args.out.with_suffix(".json").read_text())
+        write_report(args.out, {**res, "training": _training(args)})
+        log.info("rewrote %s with the training section only", args.out)
+        return
     torch.set_num_threads(args.threads)
     t0, load_before = time.perf_counter(), " ".join(f"{x:.2f}" for x in os.getloadavg())
     cfg = compose_explain(["method=paper", "metrics=fast", "logger=none"])
