@@ -114,6 +114,30 @@ def correlations(x: Sequence[float], y: Sequence[float]) -> tuple[float | None, 
     return float(stats.spearmanr(xa, ya).statistic), float(stats.pearsonr(xa, ya).statistic)
 
 
+def ic_flips(
+    per32: Mapping[str, Mapping[str, Mapping[int, float]]],
+    per16: Mapping[str, Mapping[str, Mapping[int, float]]],
+    names: Sequence[str],
+) -> dict[str, Any]:
+    """Increase-in-Confidence indicators that flip, and how close ``O`` was to ``Y`` there.
+
+    At a flip one precision has ``O > Y`` (Average Drop 0) and the other ``O <= Y``, so the
+    larger of the two Average Drops bounds the relative gap ``(Y - O) / Y`` it flipped across.
+    """
+    gaps = []
+    for n in names:
+        ic32, ic16 = per32[n]["increase_in_confidence"], per16[n]["increase_in_confidence"]
+        ad32, ad16 = per32[n]["average_drop"], per16[n]["average_drop"]
+        for i in _common(ic32, ic16):
+            if ic32[i] != ic16[i]:
+                gaps.append(max(ad32.get(i, math.nan), ad16.get(i, math.nan)))
+    return {
+        "flips": len(gaps),
+        "max_gap_percent": max(gaps) if gaps else None,
+        "median_gap_percent": float(np.median(gaps)) if gaps else None,
+    }
+
+
 def verdict(metrics: Mapping[str, Mapping[str, Any]]) -> tuple[str, list[str]]:
     """``("agreement holds" | "agreement does not hold", reasons)`` from per-metric summaries.
 
@@ -390,7 +414,9 @@ def evaluate(s: Subject, cfg: Any, batch_size: int, resamples: int) -> dict[str,
         for key, _ in METRICS
     }
     word, reasons = verdict(metrics)
+    flips = ic_flips(scored["per_image"]["float32"], scored["per_image"]["bf16"], names)
     return {
+        "ic_flips": flips,
         "title": s.title, "short": s.short, "source": s.source, "images": int(s.images.shape[0]),
         "methods": scored["methods"], "baselines": list(BASELINE_NAMES),
         "duplicates": scored["duplicates"],
@@ -479,6 +505,16 @@ def summary_table(r: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _flip_line(f: Mapping[str, Any]) -> list[str]:
+    if not f["flips"]:
+        return ["- Increase in Confidence: no image's indicator flips."]
+    return [
+        f"- Increase in Confidence: {f['flips']} (image, method) indicators flip; at them Y and O "
+        f"differ by at most {f['max_gap_percent']:.3g}% of Y (median {f['median_gap_percent']:.3g}"
+        "%; the larger of the two precisions' Average Drop), so IC flips where O and Y nearly tie."
+    ]
+
+
 def model_section(r: Mapping[str, Any]) -> list[str]:
     """The Markdown section of one model."""
     sec = r["seconds"]
@@ -491,6 +527,7 @@ def model_section(r: Mapping[str, Any]) -> list[str]:
         f"Skipped (the model has no attention): {', '.join(r['skipped_methods']) or 'none'}. "
         f"Identical maps by construction (scored once, copied): {dup}.",
         f"- bf16 suite: {r['bf16_reason']}.",
+        *_flip_line(r["ic_flips"]),
         f"- Time: maps {sec['maps']:.0f} s; `update()` float32 {sec['float32']:.1f} s, bf16 "
         f"{sec['bf16']:.1f} s over {r['batches']} alternating batches: **bf16 "
         f"{r['speedup']:.2f}x** faster (median per batch {r['speedup_batch_median']:.2f}x).",
@@ -626,7 +663,7 @@ def write_report(out: Path, res: Mapping[str, Any]) -> None:
     lines += training_section(res.get("training"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
 
 
 def _training(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -647,7 +684,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--ckpt", type=Path, help="demo checkpoint (default: newest demo run)")
-    ap.add_argument("--images", type=int, default=96, help="demo test images")
+    ap.add_argument("--images", type=int, default=64, help="demo test images (96: ~6 min)")
     ap.add_argument("--photos", type=int, default=None, help="at most this many photos")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
@@ -691,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     res = {
         "command": "python scripts/bench_bf16.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "load_before": load_before,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": json.loads(json.dumps(vars(args), default=str)),
         "steps": int(cfg.metrics.protocol.steps), "resamples": args.resamples, "rule": RULE,
         "models": models, "verdict": {k: r["verdict"] for k, r in models.items()},
         "training": _training(args), "seconds": time.perf_counter() - t0,

@@ -87,3 +87,16 @@ def test_verdict_fails_on_a_real_swap_or_a_large_shift(bench: ModuleType) -> Non
     assert shifted["swaps"] == []
     assert bench.verdict({"m": shifted})[0] == "agreement does not hold"
     assert bench.verdict({"m": {**shifted, "max_ratio": 0.249}})[0] == "agreement holds"
+
+
+def test_ic_flips_bound_the_gap_by_the_larger_average_drop(bench: ModuleType) -> None:
+    per32 = {"m": {"increase_in_confidence": {0: 100.0, 1: 0.0, 2: 0.0},
+                   "average_drop": {0: 0.0, 1: 0.05, 2: 3.0}}}  # fmt: skip
+    per16 = {"m": {"increase_in_confidence": {0: 0.0, 1: 100.0, 2: 0.0},
+                   "average_drop": {0: 0.1, 1: 0.0, 2: 2.9}}}  # fmt: skip
+    f = bench.ic_flips(per32, per16, ["m"])
+    assert f["flips"] == 2
+    assert f["max_gap_percent"] == pytest.approx(0.1)
+    assert f["median_gap_percent"] == pytest.approx(0.075)
+    none = bench.ic_flips(per32, per32, ["m"])
+    assert none == {"flips": 0, "max_gap_percent": None, "median_gap_percent": None}
