@@ -104,27 +104,35 @@ def _bf16_section() -> list[str]:
         f"From `{res['command'].strip()}` ({res['date']}, load average before/after "
         f"{res['load_before']} / {res['machine']['load']}). Rule: {res['rule']}.",
         "",
-        "| model | metric | largest \\|diff of means\\| (method) | float32 CI half-width | "
-        "ratio | swaps outside noise | verdict |",
+        "| model | metric | largest \\|diff of means\\| (method) | its float32 CI half-width | "
+        "max \\|diff\\| / half-width over methods | swaps outside noise | within the rule |",
         "|---|---|---|---|---|---|---|",
     ]
+    verdicts = []
     for r in res["models"].values():
         for key, m in r["metrics"].items():
             big = m["largest"]
             real = sum(not s["tie"] for s in m["swaps"])
+            ok = "yes" if m.get("within_rule") else "**no**"
             lines.append(
-                f"| {r['short']} | {key} | {abs(big['diff']):.3g} "
-                f"({big['method']}) | {big['half_width']:.3g} | {m['max_ratio']:.3f} | {real} | "
-                f"{r['verdict']} |"
+                f"| {r['short']} | {key} | {abs(big['diff']):.3g} ({big['method']}) | "
+                f"{big['half_width']:.3g} | {m['max_ratio']:.3f} | {real} | {ok} |"
             )
+        verdicts.append(
+            f"- {r['short']}: **{r['verdict']}**" + "".join(f"; {x}" for x in r["reasons"])
+        )
+    lines += ["", *verdicts]
     training = res.get("training")
     if training:
-        runs = training["runs"]
+        acc = {
+            p: ", ".join(f"{r['test/acc']:.4f}" for r in training["runs"] if r["precision"] == p)
+            for p in ("32-true", "bf16-mixed")
+        }
         lines += [
             "",
-            "Training in bf16-mixed (demo recipe): test/acc "
-            f"{runs['32-true']['test/acc']:.4f} (32-true) vs {runs['bf16-mixed']['test/acc']:.4f}"
-            f" (bf16-mixed), fit time ratio {training['fit_ratio']:.2f}x.",
+            f"Training in bf16-mixed (demo recipe): test/acc {acc['32-true']} (32-true) vs "
+            f"{acc['bf16-mixed']} (bf16-mixed); fit time bf16-mixed / 32-true "
+            f"{training['fit_ratio']:.2f}x.",
         ]
     lines += ["", "Details: `benchmarks/bf16_agreement.md`."]
     return lines

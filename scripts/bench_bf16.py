@@ -138,23 +138,29 @@ def ic_flips(
     }
 
 
-def verdict(metrics: Mapping[str, Mapping[str, Any]]) -> tuple[str, list[str]]:
-    """``("agreement holds" | "agreement does not hold", reasons)`` from per-metric summaries.
+def metric_reasons(key: str, m: Mapping[str, Any]) -> list[str]:
+    """Why one metric's summary breaks :data:`RULE` (empty when it keeps it).
 
-    Each summary needs ``max_ratio`` (the largest ``|difference| / float32 CI half-width`` over
-    methods) and ``swaps`` (``[{"a", "b", "tie": bool}, ...]``); see :data:`RULE`.
+    The summary needs ``max_ratio`` (the largest ``|difference| / float32 CI half-width`` over
+    methods) and ``swaps`` (``[{"a", "b", "tie": bool}, ...]``).
     """
     reasons = []
-    for key, m in metrics.items():
-        real = [s for s in m["swaps"] if not s["tie"]]
-        if real:
-            pairs = ", ".join(f"{s['a']} / {s['b']}" for s in real)
-            reasons.append(f"{key}: ranking changes outside noise ({pairs})")
-        if not m["max_ratio"] < SHARE_OF_CI:
-            reasons.append(
-                f"{key}: a difference of means is {m['max_ratio']:.2f} x its float32 CI "
-                f"half-width (limit {SHARE_OF_CI:g})"
-            )
+    real = [s for s in m["swaps"] if not s["tie"]]
+    if real:
+        pairs = ", ".join(f"{s['a']} / {s['b']}" for s in real)
+        reasons.append(f"{key}: ranking changes outside noise ({pairs})")
+    if not m["max_ratio"] < SHARE_OF_CI:
+        reasons.append(
+            f"{key}: a difference of means is {m['max_ratio']:.2f} x its float32 CI "
+            f"half-width (limit {SHARE_OF_CI:g})"
+        )
+    return reasons
+
+
+def verdict(metrics: Mapping[str, Mapping[str, Any]]) -> tuple[str, list[str]]:
+    """``("agreement holds" | "agreement does not hold", reasons)`` from per-metric summaries
+    (:func:`metric_reasons` of each); see :data:`RULE`."""
+    reasons = [r for key, m in metrics.items() for r in metric_reasons(key, m)]
     return ("agreement holds" if not reasons else "agreement does not hold"), reasons
 
 
@@ -631,6 +637,9 @@ def cpu_seconds() -> float:
 def write_report(out: Path, res: Mapping[str, Any]) -> None:
     """``out`` (Markdown) and ``out.with_suffix('.json')``."""
     m = res["machine"]
+    for r in res["models"].values():
+        for key, summary in r["metrics"].items():
+            summary["within_rule"] = not metric_reasons(key, summary)
     lines = [
         "# bf16 metric forwards: do the tables change?",
         "",
