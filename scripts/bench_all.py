@@ -132,7 +132,7 @@ def _bf16_section() -> list[str]:
             "",
             f"Training in bf16-mixed (demo recipe): test/acc {acc['32-true']} (32-true) vs "
             f"{acc['bf16-mixed']} (bf16-mixed); fit time bf16-mixed / 32-true "
-            f"{training['fit_ratio']:.2f}x.",
+            f"{training['fit_ratio']:.2f}x (median over {len(training['runs']) // 2} pairs).",
         ]
     lines += ["", "Details: `benchmarks/bf16_agreement.md`."]
     return lines
