@@ -725,6 +725,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--training-only", action="store_true",
                     help="rewrite the report's training section (--train-runs), keep the rest")  # fmt: skip
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="global seed before each model")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "bf16_agreement.md")
     args = ap.parse_args(argv)
     if args.quick:
@@ -750,6 +751,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     models = {}
     for key in args.models:
+        torch.manual_seed(args.seed)  # Smooth Grad-CAM++ draws its noise from the global RNG
         models[key] = evaluate(makers[key](), cfg, args.batch_size, args.resamples)
         log.info("%s: %s", key, models[key]["verdict"])
     res = {
