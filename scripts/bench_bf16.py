@@ -9,7 +9,7 @@ bundled ImageNet EfficientNet-Lite0 on the photos that ship in the scikit-image,
 matplotlib wheels. The two suites' ``update()`` calls alternate batch by batch (the order swaps
 every batch), so machine load affects both alike.
 
-    python scripts/bench_bf16.py                          # about 4 min on an idle 2-core CPU
+    python scripts/bench_bf16.py                          # about 2 min on an idle 2-core CPU
     python scripts/bench_bf16.py --ckpt PATH --images 48
     python scripts/bench_bf16.py --train-runs /tmp/fp32train /tmp/bf16train   # + training section
 
@@ -662,8 +662,9 @@ def write_report(out: Path, res: Mapping[str, Any]) -> None:
         f"{res['resamples']} bootstrap resamples). In both suites the target is the class "
         "predicted by a float32 forward, and Y comes from the suite's own precision.",
         "",
-        f"Demo images: {res['args']['images']} (64 by default, to stay within about 5 minutes on "
-        "an idle 2-core CPU; `make demo` explains 96, `--images 96`).",
+        f"Demo images: {res['args']['images']} (`--images`; the default is 64: 64 images took "
+        "1.9 min on a nearly idle 2-core CPU and 10 min at a load average of about 4, so "
+        "`--images 96`, `make demo`'s size, takes about 3 min on an idle one).",
         "",
         f"Rule: {RULE}.",
         "",
