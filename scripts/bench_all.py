@@ -1,11 +1,12 @@
 """``make bench``: run every benchmark script, then rewrite ``benchmarks/RESULTS.md``.
 
-    python scripts/bench_all.py                 # explain, metrics and training benchmarks
+    python scripts/bench_all.py                 # explain, metrics, training and bf16 benchmarks
     python scripts/bench_all.py --only train    # one script; the others' last reports are reused
     python scripts/bench_all.py --report-only   # rewrite RESULTS.md from the existing reports
 
 Each script writes its own report (``benchmarks/explain.md``, ``metrics.md``, ``train.md``,
-``speed.md``); the demo checkpoint the speed script explains is found or trained once (``--ckpt``);
+``speed.md``, ``bf16_agreement.md``); the demo checkpoint the speed and bf16 scripts explain is
+found or trained once (``--ckpt``);
 RESULTS.md collects their tables with the machine, the library versions and the exact commands.
 The budget is 30 minutes on an idle 2-core CPU.
 """
@@ -31,10 +32,13 @@ SCRIPTS: dict[str, tuple[list[str], str]] = {
     "metrics": (["scripts/bench_metrics.py"], "metrics.md"),
     "train": (["scripts/bench_train.py"], "train.md"),
     "speed": (["scripts/bench_speed.py"], "speed.md"),
+    "bf16": (["scripts/bench_bf16.py"], "bf16_agreement.md"),
 }
+#: Scripts whose RESULTS.md section is built from their JSON, not copied from their tables.
+OWN_SECTION = ("train", "speed", "bf16")
 
 #: Scripts that explain the demo model (``--ckpt``): bench_all finds or trains it once for both.
-DEMO_SCRIPTS = {"speed"}
+DEMO_SCRIPTS = {"speed", "bf16"}
 
 #: Reports whose JSON lists targets: ``(json file, section title, details file)``.
 TARGET_REPORTS: tuple[tuple[str, str, str], ...] = (
@@ -125,6 +129,53 @@ def _targets_section(path: Path, title: str, details: str) -> list[str]:
     return [*lines, "", f"{details}: `benchmarks/{md}`."]
 
 
+def _bf16_section() -> list[str]:
+    """Verdict and largest differences of ``benchmarks/bf16_agreement.json``, if present."""
+    path = BENCH / "bf16_agreement.json"
+    if not path.is_file():
+        return []
+    res = json.loads(path.read_text())
+    lines = [
+        "",
+        "## bf16 metric forwards vs float32 (issue 16)",
+        "",
+        f"From `{res['command'].strip()}` ({res['date']}, load average before/after "
+        f"{res['load_before']} / {res['machine']['load']}). Rule: {res['rule']}.",
+        "",
+        "| model | metric | largest \\|diff of means\\| (method) | its float32 CI half-width | "
+        "max \\|diff\\| / half-width over methods | swaps outside noise | within the rule |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    verdicts = []
+    for r in res["models"].values():
+        for key, m in r["metrics"].items():
+            big = m["largest"]
+            real = sum(not s["tie"] for s in m["swaps"])
+            ok = "yes" if m.get("within_rule") else "**no**"
+            lines.append(
+                f"| {r['short']} | {key} | {abs(big['diff']):.3g} ({big['method']}) | "
+                f"{big['half_width']:.3g} | {m['max_ratio']:.3f} | {real} | {ok} |"
+            )
+        verdicts.append(
+            f"- {r['short']}: **{r['verdict']}**" + "".join(f"; {x}" for x in r["reasons"])
+        )
+    lines += ["", *verdicts]
+    training = res.get("training")
+    if training:
+        acc = {
+            p: ", ".join(f"{r['test/acc']:.4f}" for r in training["runs"] if r["precision"] == p)
+            for p in ("32-true", "bf16-mixed")
+        }
+        lines += [
+            "",
+            f"Training in bf16-mixed (demo recipe): test/acc {acc['32-true']} (32-true) vs "
+            f"{acc['bf16-mixed']} (bf16-mixed); fit time bf16-mixed / 32-true "
+            f"{training['fit_ratio']:.2f}x (median over {len(training['runs']) // 2} pairs).",
+        ]
+    lines += ["", "Details: `benchmarks/bf16_agreement.md`."]
+    return lines
+
+
 def write_results(ran: dict[str, dict[str, object]]) -> Path:
     """Rewrite ``benchmarks/RESULTS.md`` from the scripts' reports."""
     lines = [
@@ -155,9 +206,10 @@ def write_results(ran: dict[str, dict[str, object]]) -> Path:
         lines.append(f"- `python {' '.join(cmd)}` -> `benchmarks/{report}` ({note})")
     for name, title, details in TARGET_REPORTS:
         lines += _targets_section(BENCH / name, title, details)
+    lines += _bf16_section()
     for key, (_cmd, report) in SCRIPTS.items():
         path = BENCH / report
-        if key in ("train", "speed") or not path.is_file():
+        if key in OWN_SECTION or not path.is_file():
             continue
         lines += ["", f"## {key.capitalize()} (from `benchmarks/{report}`)"]
         lines += _tables(path.read_text())

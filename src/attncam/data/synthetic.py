@@ -66,6 +66,7 @@ __all__ = [
     "generate_split",
     "grid_cell_bounds",
     "load_or_generate",
+    "photo_paths",
 ]
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class SyntheticSplit:
 # ----------------------------------------------------------------------------------------------
 
 
-def _photo_paths() -> list[tuple[str, Path]]:
+def photo_paths() -> list[tuple[str, Path]]:
     """(name, path) of every bundled photograph present in the installed wheels."""
     found: list[tuple[str, Path]] = []
     try:
@@ -309,7 +310,7 @@ def background_photos() -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
     """
     names: list[str] = []
     photos: list[torch.Tensor] = []
-    for name, path in _photo_paths():
+    for name, path in photo_paths():
         image = load_image(path).float().div_(255.0)
         h, w = image.shape[-2:]
         scale = _PHOTO_SHORT_SIDE / min(h, w)
