@@ -1,7 +1,7 @@
 """Issue 16's speed targets, side by side in one run: the card's explain command and the allocator.
 
     python scripts/bench_speed.py                     # card + allocator (about 10 min idle)
-    python scripts/bench_speed.py --parts card        # one part: card, full, allocator
+    python scripts/bench_speed.py --parts card        # one part: card, profile, full, allocator
     python scripts/bench_speed.py --ckpt PATH         # the demo checkpoint to explain
 
 1. **card**: ``python explain.py ckpt=<demo best.ckpt> limit=N`` (the default methods and
@@ -10,8 +10,10 @@
    ``metrics.protocol.precision=bf16`` and with ``ATTNCAM_ALLOCATOR=system``: images per
    second of the stage (its manifest's ``images_per_second``), CPU user/system seconds and peak
    RSS of each process.
-2. **full** (``--parts full``, in ``make bench``): the card's command on the whole 400-image
-   test split with this checkout, once: the wall time the README quotes.
+2. **profile**: one *after* run under cProfile: the cumulative seconds of the maps, each
+   perturbation kind, the forwards, the convolutions and the figures.
+   **full**: the card's command on the whole 400-image test split with this checkout, once: the
+   wall time the README quotes.
 3. **allocator**: glibc's default thresholds vs :func:`attncam.runtime.tune_allocator`, in
    alternating child processes, for training (the demo recipe's model and batch) and for the
    metrics' perturbation forwards: time per step, system time, peak RSS, and the RSS after
@@ -146,6 +148,41 @@ def bench_full(ckpt: Path, work: Path) -> dict[str, Any]:
     res.update(images=manifest["n_images"], img_s=manifest["images_per_second"],
                stage_s=manifest["seconds"])  # fmt: skip
     return res
+
+
+#: ``(label, file suffix, function name)`` of the profile's rows (cumulative seconds).
+PROFILE_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("whole stage (explain run)", "stages/explain.py", "run"),
+    ("test loop: maps + metrics", "stages/explain_module.py", "test_step"),
+    ("maps (the methods, float32)", "explain/explainer.py", "explain"),
+    ("metrics: all perturbation work", "metrics/suite.py", "update"),
+    ("  deletion + insertion curves", "metrics/perturb.py", "deletion_insertion"),
+    ("  Average Drop / IC / Percentage-in", "metrics/perturb.py", "confidence_table"),
+    ("  base scores", "metrics/perturb.py", "base_scores"),
+    ("  every perturbation forward", "metrics/perturb.py", "_forward"),
+    ("    of which convolutions", "~", "<built-in method torch.conv2d>"),
+    ("    of which the inference copy (built once)", "inference.py", "inference_copy"),
+    ("figures", "stages/outputs.py", "write_figures"),
+)
+
+
+def bench_profile(args: argparse.Namespace, ckpt: Path, work: Path) -> dict[str, Any]:
+    """Where an *after* run's time goes: cProfile cumulative seconds of the main functions."""
+    import pstats
+
+    folder, prof = work / "profiled", work / "explain.prof"
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(prof), "explain.py", f"ckpt={ckpt}",
+           f"limit={args.limit}", "logger=none", f"hydra.run.dir={folder}"]  # fmt: skip
+    run_child(cmd, ROOT, _env(ROOT / "src"))
+    stats = pstats.Stats(str(prof)).stats  # type: ignore[attr-defined]
+    rows = []
+    for label, suffix, name in PROFILE_ROWS:
+        hits = [(v[1], v[3]) for (f, _l, n), v in stats.items() if n == name and f.endswith(suffix)]
+        rows.append({"what": label, "calls": sum(c for c, _ in hits),
+                     "seconds": sum(t for _, t in hits)})  # fmt: skip
+    manifest = json.loads((folder / "manifest.json").read_text())
+    forwards = next(r["calls"] for r in rows if r["what"].strip() == "every perturbation forward")
+    return {"rows": rows, "images": manifest["n_images"], "chunk_forwards": forwards}
 
 
 # ------------------------------------------------------------------ 3. allocator (child mode)
@@ -304,6 +341,24 @@ def _full_lines(full: dict[str, Any]) -> list[str]:
     ]
 
 
+def _profile_lines(prof: dict[str, Any]) -> list[str]:
+    total = prof["rows"][0]["seconds"] or 1.0
+    lines = [
+        "## Where the time goes (one *after* run under cProfile)",
+        "",
+        f"{prof['images']} images; cumulative seconds (nested rows are part of the row above; "
+        "cProfile adds some overhead of its own).",
+        "",
+        "| what | calls | seconds | share of the stage |",
+        "|---|---|---|---|",
+    ]
+    for r in prof["rows"]:
+        lines.append(
+            f"| {r['what']} | {r['calls']} | {r['seconds']:.1f} | {r['seconds'] / total:.0%} |"
+        )
+    return [*lines, ""]
+
+
 def _allocator_lines(alloc: dict[str, Any]) -> list[str]:
     lines = [
         "## 3. Allocator: glibc's defaults vs the tuned thresholds",
@@ -347,6 +402,8 @@ def render(res: dict[str, Any]) -> str:
     ]  # fmt: skip
     if "card" in res:
         lines += _card_lines(res["card"])
+    if "profile" in res:
+        lines += _profile_lines(res["profile"])
     if "full" in res:
         lines += _full_lines(res["full"])
     if "allocator" in res:
@@ -365,8 +422,8 @@ def write_report(res: dict[str, Any]) -> None:
 def main() -> None:
     """Run the chosen parts and write the report."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--parts", nargs="*", default=["card", "full", "allocator"],
-                    choices=["card", "full", "allocator"])  # fmt: skip
+    ap.add_argument("--parts", nargs="*", default=["card", "profile", "full", "allocator"],
+                    choices=["card", "profile", "full", "allocator"])  # fmt: skip
     ap.add_argument("--ckpt", default=None)
     ap.add_argument("--baseline", default=BASELINE, help="the commit of 'before' (git rev)")
     ap.add_argument("--limit", type=int, default=16, help="images per card run")
@@ -396,6 +453,8 @@ def main() -> None:
         res["checkpoint"] = {"path": str(ckpt), "source": source}
         if "card" in args.parts:
             res["card"] = bench_card(args, ckpt, work)
+        if "profile" in args.parts:
+            res["profile"] = bench_profile(args, ckpt, work)
         if "full" in args.parts:
             res["full"] = bench_full(ckpt, work)
         if "allocator" in args.parts:
