@@ -239,7 +239,7 @@ def _train_step(ckpt: str) -> Any:
 
 
 def _perturb_step(ckpt: str) -> Any:
-    """Average Drop + deletion/insertion of 16 images and 3 maps (the metrics' forwards)."""
+    """Average Drop + deletion/insertion of 8 images and 2 maps (the metrics' forwards)."""
     import torch
 
     from attncam.metrics.perturb import Perturber
@@ -247,8 +247,8 @@ def _perturb_step(ckpt: str) -> Any:
 
     net = load_classifier(ckpt).net.eval()
     eng = Perturber(net, chunk_size=64, optimize=True)
-    x = torch.rand(16, 3, 128, 128)
-    maps = {f"m{i}": torch.rand(16, 128, 128) for i in range(3)}
+    x = torch.rand(8, 3, 128, 128)
+    maps = {f"m{i}": torch.rand(8, 128, 128) for i in range(2)}
 
     def step() -> None:
         base = eng.base_scores(x)
@@ -366,7 +366,7 @@ def _allocator_lines(alloc: dict[str, Any]) -> list[str]:
         "Child processes alternate (`ATTNCAM_ALLOCATOR=system` keeps glibc's defaults; "
         "`attncam.runtime.tune_allocator` raises the mmap and trim thresholds to 2 GiB). "
         "*train*: SGD steps of the demo model, batch 64 at 128 px; *perturb*: Average Drop and "
-        "deletion/insertion of 16 images x 3 maps. RSS is read after every step: first / middle / "
+        "deletion/insertion of 8 images x 2 maps. RSS is read after every step: first / middle / "
         "last shows whether memory grows.",
         "",
         "| workload | allocator | s/step | speed-up | CPU system s | peak RSS MiB | RSS first / "
@@ -430,7 +430,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--alloc-reps", type=int, default=2)
     ap.add_argument("--train-steps", type=int, default=6)
-    ap.add_argument("--perturb-steps", type=int, default=12)
+    ap.add_argument("--perturb-steps", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="fewer images and steps")
     ap.add_argument("--child", choices=["train", "perturb"], help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=5, help=argparse.SUPPRESS)
