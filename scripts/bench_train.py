@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from attncam.models import attention as attn  # noqa: E402
 from attncam.models.net import AttentionNet  # noqa: E402
+from attncam.runtime import tune_allocator  # noqa: E402
 
 log = logging.getLogger("bench_train")
 
@@ -1046,6 +1047,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("WANDB_MODE", "offline")
+    # As every stage does (train.py, explain.py): glibc keeps freed activation buffers instead of
+    # returning them to the OS and faulting them back in each step (ATTNCAM_ALLOCATOR=system: off).
+    allocator = tune_allocator()
     device = torch.device(args.device)
     parts = args.parts.split(",")
     res: dict[str, Any] = {
@@ -1055,6 +1059,7 @@ def main() -> None:
         "machine": machine(),
         "versions": versions(),
         "load_before": load_average(),
+        "allocator": allocator,
         # Paths relative to the working directory: no machine-local absolute paths in results.
         "args": {
             k: os.path.relpath(v) if isinstance(v, Path) else v for k, v in vars(args).items()
