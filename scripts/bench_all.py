@@ -51,9 +51,8 @@ TARGET_REPORTS: tuple[tuple[str, str, str], ...] = (
 DISTRIBUTIONS = {"pytorch_grad_cam": "grad-cam"}
 
 
-def _machine() -> list[str]:
-    import torch
-
+def cpu_name() -> str:
+    """The CPU's model name (``lscpu``), else what ``platform`` knows."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
@@ -61,6 +60,13 @@ def _machine() -> list[str]:
                 cpu = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return cpu
+
+
+def _machine() -> list[str]:
+    import torch
+
+    cpu = cpu_name()
     libs = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
     for name in (
         "torchvision",

@@ -31,9 +31,7 @@ import json
 import logging
 import math
 import os
-import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -607,15 +605,11 @@ def machine() -> dict[str, Any]:
     """CPU, cores, torch threads and version, whether the CPU has bf16 units, load average."""
     from attncam.inference import cpu_bf16_supported
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_all import cpu_name  # the one lscpu reader
+
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "bf16_units": cpu_bf16_supported(),
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }  # fmt: skip
