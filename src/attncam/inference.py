@@ -18,7 +18,7 @@ model (deletion and insertion curves, Average Drop, Percentage-in), so it runs a
   computed in float32 by the explainer; only the perturbation forwards run in bf16. float32 is
   the default: ``benchmarks/bf16_agreement.md`` measures what bf16 changes.
 
-This module imports nothing else from attncam, so any package may use it.
+This module imports only ``attncam.runtime``, so any package may use it.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from attncam.runtime import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +210,14 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.isfinite(b).all()) and float((a - b).abs().max()) <= 1e-3 * scale
 
 
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with no parameter requiring grad."""
+    fast = copy.deepcopy(model).eval()
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    return fast
+
+
 def inference_copy(
     model: nn.Module, example: torch.Tensor, fold: bool = True, channels_last: bool = True
 ) -> tuple[nn.Module, FoldReport]:
@@ -225,25 +235,16 @@ def inference_copy(
     Returns:
         ``(copy, report)``.
     """
-    was = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            reference = model(example).float()
-        fast = copy.deepcopy(model)
-    finally:
-        for m, mode in was:
-            m.training = mode
-    fast.eval()
-    for p in fast.parameters():
-        p.requires_grad_(False)
+    with eval_mode(model), torch.no_grad():
+        reference = model(example).float()
+        fast = _frozen_copy(model)
     report = FoldReport(reason="folding off")
     if fold:
-        plain = copy.deepcopy(fast)
         report = fold_conv_bn(fast, example)
         with torch.no_grad():
             if report.folded and not _agree(reference, fast(example).float()):
-                fast = plain
+                with eval_mode(model):
+                    fast = _frozen_copy(model)
                 report = FoldReport(reason="the folded copy disagreed with the original")
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
