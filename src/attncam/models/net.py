@@ -25,6 +25,8 @@ from attncam.models.official import (
 from attncam.runtime import eval_mode
 
 PLACEMENTS = ("blocks", "last")
+#: ``placement="after:<layer>"``: one module after that layer of ``features`` (e.g. ``blocks.5``).
+AFTER = "after:"
 
 
 class Normalize(nn.Module):
@@ -107,8 +109,11 @@ def _check_args(
         raise ValueError(
             f"unknown attention {attention!r}; choose one of: {', '.join(ATTENTION_KINDS)}"
         )
-    if placement not in PLACEMENTS:
-        raise ValueError(f"unknown placement {placement!r}; choose one of: blocks, last")
+    if placement not in PLACEMENTS and not (placement.startswith(AFTER) and placement[6:]):
+        raise ValueError(
+            f"unknown placement {placement!r}; choose one of: blocks, last, after:<layer> (a "
+            "layer of the backbone's features, e.g. after:blocks.5)"
+        )
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if weights_format not in WEIGHTS_FORMATS:
@@ -129,8 +134,10 @@ class AttentionNet(nn.Module):
         attention: one of ``none, se, cbam, cbam_channel, cbam_spatial, bam``.
         placement: ``blocks`` (inside every residual block after the last BN, as in the CBAM
             paper; for BAM and non-residual families, after every stage) or ``last`` (one module
-            after the last stage). A backbone built by name takes ``blocks`` only when attncam
-            knows its blocks (torchvision's ResNets); otherwise ``last``.
+            after the last stage) or ``after:<layer>`` (one module after that layer of
+            ``features``, e.g. ``after:blocks.5``: the attention one stage before the last). A
+            backbone built by name takes ``blocks`` only when attncam knows its blocks
+            (torchvision's ResNets); otherwise ``last``.
         reduction: channel MLP reduction ratio.
         kernel_size: CBAM spatial conv size.
         pretrained: load the backbone's ImageNet weights (torchvision's, or the bundled ones for
@@ -249,6 +256,18 @@ class AttentionNet(nn.Module):
                 h.remove()
         return found
 
+    def _check_after(self, layer: str) -> str:
+        """``layer`` of ``placement="after:<layer>"``, checked to name a layer of ``features``."""
+        names = [n for n, _ in self.features.named_modules() if n]
+        if layer not in names:
+            top = [n for n, _ in self.features.named_children()]
+            raise ValueError(
+                f"placement 'after:{layer}': {self.backbone_name!r} has no layer {layer!r} in its "
+                f"features; its top-level layers are {', '.join(top)} (dotted names below them, "
+                "e.g. blocks.5, are valid too)"
+            )
+        return layer
+
     def _insert_attention(
         self, parts: BackboneParts, kind: str, placement: str, reduction: int, kernel_size: int
     ) -> None:
@@ -277,6 +296,8 @@ class AttentionNet(nn.Module):
         else:
             if placement == "last":
                 where = parts.stages[-1:]
+            elif placement.startswith(AFTER):
+                where = [self._check_after(placement[len(AFTER) :])]
             elif kind == "bam":
                 # BAM sits at the bottlenecks between stages (Park et al.), not after the last.
                 where = parts.stages[:-1] or parts.stages
