@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from attncam.stages.reproduce.report import ReportInputs, render_report
+from attncam.stages.reproduce.report import TABLES_DIR, ReportInputs, render_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,22 +80,22 @@ def tiny_run(tiny_out: Path) -> Path:
 
 
 def test_report_has_every_section_table_and_figure(tiny_run: Path) -> None:
-    report = (tiny_run / "REPRODUCTION.md").read_text()
+    report = (tiny_run / "REPRODUCTION_TABLE2.md").read_text()
     for section in SECTIONS:
         assert section in report, section
     for name in FIGURES:
         assert (tiny_run / "figures" / name).is_file(), name
         assert f"figures/{name}" in report or name.startswith("tiny_"), name
-    manifest = json.loads((tiny_run / "reproduction" / "manifest.json").read_text())
+    manifest = json.loads((tiny_run / TABLES_DIR / "manifest.json").read_text())
     assert sorted(manifest["tables"]) == sorted(t for t in TABLES if t != "manifest.json")
     assert manifest["scale"] == "tiny" and manifest["wall_seconds"] > 0
     for name in TABLES:
-        assert (tiny_run / "reproduction" / name).is_file(), name
+        assert (tiny_run / TABLES_DIR / name).is_file(), name
     assert "n/a" not in report.split("## a.")[1].split("## b.")[0]  # both models tested
 
 
 def test_numbers_are_consistent(tiny_run: Path) -> None:
-    tables = tiny_run / "reproduction"
+    tables = tiny_run / TABLES_DIR
     caw = json.loads((tables / "scacam.json").read_text())["caw"]
     assert caw["Z"] == caw["feature_size"][0] * caw["feature_size"][1]
     assert caw["max_relative_deviation"] < 1e-3  # FC weight / mean gradient = Z (SCA-CAM eq. 6)
@@ -120,9 +120,10 @@ def test_numbers_are_consistent(tiny_run: Path) -> None:
 
 
 def test_per_image_values_from_the_explain_stage(tiny_out: Path) -> None:
-    raw = json.loads((tiny_out / "work" / "explain" / "tiny_cbam" / "per_image.json").read_text())
+    run_dir = tiny_out / "work" / "table2" / "explain" / "tiny_cbam"
+    raw = json.loads((run_dir / "per_image.json").read_text())
     # explain.limit=8 in tiny.yaml: a seeded, class-stratified subset, the same as image_ids.json
-    ids = json.loads((tiny_out / "work" / "explain" / "tiny_cbam" / "image_ids.json").read_text())
+    ids = json.loads((run_dir / "image_ids.json").read_text())
     assert raw["image_ids"] == ids and len(ids) == 8 and ids == sorted(ids)
     gradcam = raw["methods"]["gradcam"]
     assert {"average_drop", "deletion", "morf", "lerf", "percentage_in@5"} <= set(gradcam)
@@ -130,7 +131,7 @@ def test_per_image_values_from_the_explain_stage(tiny_out: Path) -> None:
 
 
 def test_report_rerenders_from_its_tables(tiny_run: Path) -> None:
-    text = (tiny_run / "REPRODUCTION.md").read_text()
+    text = (tiny_run / "REPRODUCTION_TABLE2.md").read_text()
     written = text.split(" on ", 1)[1][:16]
     inputs = ReportInputs.from_tables(tiny_run, written=written)
     again = render_report(inputs).splitlines()
@@ -143,12 +144,12 @@ def test_report_rerenders_from_its_tables(tiny_run: Path) -> None:
 
 @pytest.mark.slow
 def test_reuse_picks_up_finished_stages(tiny_out: Path, cache_dir: str) -> None:
-    first = json.loads((tiny_out / "docs" / "reproduction" / "significance.json").read_text())
+    first = json.loads((tiny_out / "docs" / TABLES_DIR / "significance.json").read_text())
     _script().main([*_args(tiny_out, cache_dir), "reuse=true"])
-    manifest = json.loads((tiny_out / "docs" / "reproduction" / "manifest.json").read_text())
+    manifest = json.loads((tiny_out / "docs" / TABLES_DIR / "manifest.json").read_text())
     assert manifest["reuse"] is True
     assert "explain tiny (every method)" in manifest["stages_seconds"]  # the recorded time
-    again = json.loads((tiny_out / "docs" / "reproduction" / "significance.json").read_text())
+    again = json.loads((tiny_out / "docs" / TABLES_DIR / "significance.json").read_text())
     assert again == first
 
 

@@ -1,7 +1,7 @@
 """attncam.stages.reproduce without running it: settings, per-image pairing, the report.
 
-The committed ``docs/REPRODUCTION.md`` must re-render from the committed
-``docs/reproduction/*.json`` (every heading, table and sentence), so the report code, its template
+The committed ``docs/REPRODUCTION_TABLE2.md`` must re-render from the committed
+``docs/reproduction/table2/*.json`` (every heading, table and sentence), so the report code, its template
 and ``conf/reproduce/paper.yaml`` cannot drift from what the run wrote.
 """
 
@@ -39,7 +39,7 @@ DOCS = ROOT / "docs"
 @pytest.fixture(scope="module")
 def committed() -> tuple[str, str]:
     """The committed report and the same report re-rendered from the committed tables."""
-    text = (DOCS / "REPRODUCTION.md").read_text()
+    text = (DOCS / "REPRODUCTION_TABLE2.md").read_text()
     written = re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d) \(", text)
     assert written, "the report's header names when it was written"
     return text, render_report(ReportInputs.from_tables(DOCS, written=written.group(1)))

@@ -57,6 +57,7 @@ from attncam.stages.reproduce.experiments import (
 )
 from attncam.stages.reproduce.names import AG_VARIANTS, PAPER_BASELINES, is_paired_metric
 from attncam.stages.reproduce.report import (
+    TABLES_DIR,
     ReportInputs,
     closest_variant,
     write_report,
@@ -67,6 +68,7 @@ from attncam.stages.reproduce.settings import (
     load_settings,
     resolve_dir,
     scale_commands,
+    table2_work_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -128,7 +130,7 @@ def _significance_all(
 
 
 def _write_tables(tables: Path, paper: dict[str, Any], results: dict[str, Any]) -> None:
-    """``docs/reproduction/*.json``: every table of the report (the manifest comes last)."""
+    """``docs/reproduction/table2/*.json``: every table of the report (the manifest comes last)."""
     runs, beyond = results["runs"], results["beyond"]
     write_table(tables / "methods.json", {
         "paper": paper["an_joe"],
@@ -161,7 +163,7 @@ def manifest(
     s: DictConfig, command: str, timer: Timer, results: dict[str, Any], docs: Path, report: Path
 ) -> dict[str, Any]:
     """The run's manifest: settings, commit, timings, host, versions, runs, tables, figures."""
-    tables = docs / "reproduction"
+    tables = docs / TABLES_DIR
     return {
         "command": command,
         "scale": s.scale,
@@ -206,7 +208,7 @@ def run_experiments(
         ``trained``, ``runs``, ``pvar``, ``caw``, ``scagrid``, ``sanity``, ``sig``, ``figures``
         and ``beyond`` (the family explained with every method).
     """
-    figures, tables = docs / "figures", docs / "reproduction"
+    figures, tables = docs / "figures", docs / TABLES_DIR
     trained = stage_train(s, work, timer)
     write_table(tables / "finetune.json", {"runs": trained, "paper": paper["cbam_resnet50"]})
     runs, pvar, ckpts = _explain_all(s, work, trained, timer)
@@ -242,14 +244,14 @@ def run(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
     """
     if s.get("threads"):
         torch.set_num_threads(int(s.threads))
-    work, docs = resolve_dir(s.work_dir), resolve_dir(s.docs_dir)
-    for p in (work, docs / "figures", docs / "reproduction"):
+    work, docs = table2_work_dir(s), resolve_dir(s.docs_dir)
+    for p in (work, docs / "figures", docs / TABLES_DIR):
         p.mkdir(parents=True, exist_ok=True)
     timer = Timer(work / "timings.json", bool(s.reuse))
     log.info("reproduce scale=%s -> %s (work %s)", s.scale, docs, work)
     paper = load_paper()
     results = run_experiments(s, work, docs, timer, paper)
-    _write_tables(docs / "reproduction", paper, results)
+    _write_tables(docs / TABLES_DIR, paper, results)
     inputs = ReportInputs(
         settings=s, paper=paper, **{k: v for k, v in results.items() if k != "beyond"},
         stages=timer.stages, stage_total=timer.stage_total, total=timer.total,
@@ -258,7 +260,7 @@ def run(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
     )  # fmt: skip
     report = write_report(inputs, docs)
     write_table(
-        docs / "reproduction" / "manifest.json",
+        docs / TABLES_DIR / "manifest.json",
         manifest(s, command, timer, results, docs, report),
     )
     log.info("report written to %s in %.0f s", report, timer.total)

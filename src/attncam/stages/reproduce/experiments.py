@@ -90,7 +90,7 @@ def copy_file(src: Path, dst: Path) -> Path:
 class Timer:
     """Wall time per stage, kept for the manifest and the report.
 
-    Stage times are saved in ``path`` (``work_dir/timings.json``) as each stage ends, so a
+    Stage times are saved in ``path`` (``<work_dir>/table2/timings.json``) as each stage ends, so a
     ``reuse=true`` run reports the time the reused stages took when they ran.
     """
 

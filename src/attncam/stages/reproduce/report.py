@@ -1,7 +1,8 @@
-"""``docs/REPRODUCTION.md``: one function per report section, the fixed prose from a template.
+"""``docs/REPRODUCTION_TABLE2.md``: one function per report section, the fixed prose from a template.
 
-Every number in the report comes from :class:`ReportInputs`, which is exactly what the run writes
-into ``docs/reproduction/*.json``; :meth:`ReportInputs.from_tables` reads it back, so the report
+The report of the table-2 part of the reproduction (``part=table2``). Every number in it comes
+from :class:`ReportInputs`, which is exactly what the run writes into
+``docs/reproduction/table2/*.json``; :meth:`ReportInputs.from_tables` reads it back, so the report
 can be re-rendered without re-running anything. The prose lives in ``report_template.md`` (one
 block per section, Python format fields); the published numbers in ``conf/reproduce/paper.yaml``.
 
@@ -37,6 +38,11 @@ from attncam.stages.reproduce.names import (
 )
 
 _BLOCK = re.compile(r"^<!-- block: (\w+) -->$")
+
+#: The report of the table-2 part, in the docs folder.
+REPORT_NAME = "REPRODUCTION_TABLE2.md"
+#: Its tables and manifest, relative to the docs folder.
+TABLES_DIR = Path("reproduction") / "table2"
 
 
 # --------------------------------------------------------------------------- template
@@ -141,7 +147,7 @@ def _pct(x: float | None, scale: float = 100.0) -> str:
 
 @dataclass
 class ReportInputs:
-    """Everything the report prints; what the run writes into ``docs/reproduction/*.json``.
+    """Everything the report prints; what the run writes into ``docs/reproduction/table2/*.json``.
 
     Attributes:
         settings: The reproduction settings (``conf/reproduce/<scale>.yaml`` with overrides).
@@ -183,8 +189,8 @@ class ReportInputs:
 
     @classmethod
     def from_tables(cls, docs: Path, written: str = "?") -> ReportInputs:
-        """The inputs of the report a run wrote into ``docs`` (``docs/reproduction/*.json``)."""
-        tables = docs / "reproduction"
+        """The inputs of the report a run wrote into ``docs`` (``docs/reproduction/table2``)."""
+        tables = docs / TABLES_DIR
 
         def load(name: str) -> Any:
             return json.loads((tables / f"{name}.json").read_text())
@@ -610,7 +616,7 @@ SECTIONS: tuple[Callable[[ReportInputs], list[str]], ...] = (
 
 
 def render_report(r: ReportInputs) -> str:
-    """``REPRODUCTION.md`` as text: every section in order."""
+    """``REPRODUCTION_TABLE2.md`` as text: every section in order."""
     lines: list[str] = []
     for section in SECTIONS:
         lines += section(r)
@@ -618,12 +624,14 @@ def render_report(r: ReportInputs) -> str:
 
 
 def write_report(r: ReportInputs, docs: Path) -> Path:
-    """Write ``docs/REPRODUCTION.md`` atomically; returns its path."""
-    return write_text_atomic(docs / "REPRODUCTION.md", render_report(r))
+    """Write ``docs/REPRODUCTION_TABLE2.md`` atomically; returns its path."""
+    return write_text_atomic(docs / REPORT_NAME, render_report(r))
 
 
 __all__ = [
+    "REPORT_NAME",
     "SECTIONS",
+    "TABLES_DIR",
     "ReportInputs",
     "block",
     "closest_variant",

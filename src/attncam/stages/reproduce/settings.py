@@ -80,6 +80,11 @@ def resolve_dir(path: str, root: Path = ROOT) -> Path:
     return Path(path) if Path(path).is_absolute() else root / path
 
 
+def table2_work_dir(s: DictConfig) -> Path:
+    """The stage folders of the table-2 part: ``<work_dir>/table2`` (train/, explain/, timings)."""
+    return resolve_dir(str(s.work_dir)) / "table2"
+
+
 def compose_cfg(name: str, overrides: list[str], conf_dir: Path = CONF) -> DictConfig:
     """A ``train`` or ``explain`` config composed with Hydra's compose API."""
     GlobalHydra.instance().clear()
@@ -154,7 +159,7 @@ def scale_commands(s: DictConfig) -> list[str]:
     Returns:
         Lines: ``#`` comments and one command per line.
     """
-    work = Path(str(s.work_dir))
+    work = Path(str(s.work_dir)) / "table2"
     out = [f"# scale={s.scale}: the commands of scripts/reproduce.py scale={s.scale}",
            "# 1. Fine-tune every family with and without attention:"]  # fmt: skip
     for family in s.train.families:
@@ -192,5 +197,6 @@ __all__ = [
     "resolve_dir",
     "scale_commands",
     "scales",
+    "table2_work_dir",
     "train_overrides",
 ]
