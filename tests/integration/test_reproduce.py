@@ -1,4 +1,5 @@
-"""scripts/reproduce.py scale=tiny end to end: every stage runs and the report has every section.
+"""scripts/reproduce.py scale=tiny part=table2 end to end: every stage runs and the report has
+every section.
 
 The script is a thin wrapper of ``attncam.stages.reproduce``; the explain stage writes the
 per-image values the paired tests use (``per_image.json``), and the report re-renders from the
@@ -63,7 +64,7 @@ def _script() -> ModuleType:
 
 
 def _args(out: Path, cache_dir: str) -> list[str]:
-    return ["scale=tiny", f"work_dir={out / 'work'}", f"docs_dir={out / 'docs'}",
+    return ["scale=tiny", "part=table2", f"work_dir={out / 'work'}", f"docs_dir={out / 'docs'}",
             f"data.cache_dir={cache_dir}"]  # fmt: skip
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -30,7 +32,13 @@ from attncam.stages.reproduce.report import (
     imagenet_commands,
     render_report,
 )
-from attncam.stages.reproduce.settings import load_paper, load_settings, scale_commands, scales
+from attncam.stages.reproduce.settings import (
+    check_part,
+    load_paper,
+    load_settings,
+    scale_commands,
+    scales,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -95,6 +103,41 @@ def test_settings_and_paper() -> None:
     an = paper["an_joe"]
     assert an["percentage_in_gradcam"] == an["percentage_in"]["gradcam"]
     assert len(an["methods"]) == len(an["average_drop"]) == len(an["increase_in_confidence"])
+
+
+def test_part_setting_defaults_and_errors() -> None:
+    assert load_settings([]).part == "guidance"
+    assert load_settings(["scale=tiny"]).part == "guidance"  # inherited from cpu.yaml
+    assert load_settings(["scale=imagenet", "part=all"]).part == "all"
+    with pytest.raises(
+        SystemExit, match="unknown part 'tabel2'; choose one of: guidance, table2, all"
+    ):
+        load_settings(["part=tabel2"])
+    with pytest.raises(ValueError, match="unknown part None; choose one of: guidance, table2"):
+        check_part(OmegaConf.create({"scale": "cpu"}))
+
+
+def test_run_dispatches_on_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    """table2 runs the table-2 stages, guidance the guidance package, all both (guidance first)."""
+    import attncam.stages.reproduce as reproduce
+
+    calls: list[str] = []
+    guidance = ModuleType("attncam.stages.reproduce.guidance")
+    guidance.run = lambda s, command: calls.append(f"guidance {command}") or {"report": "g"}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, guidance.__name__, guidance)
+    monkeypatch.setattr(
+        reproduce,
+        "run_table2",
+        lambda s, command: calls.append(f"table2 {command}") or {"report": "t"},
+    )
+    for part, expected in (("table2", ["table2 c"]), ("guidance", ["guidance c"]),
+                           ("all", ["guidance c", "table2 c"])):  # fmt: skip
+        calls.clear()
+        out = reproduce.run(load_settings([f"part={part}"]), "c")
+        assert calls == expected and out["part"] == part, part
+    assert out == {"part": "all", "guidance": {"report": "g"}, "table2": {"report": "t"}}
+    with pytest.raises(ValueError, match="unknown part 'both'"):
+        reproduce.run(OmegaConf.create({"part": "both"}), "c")
 
 
 def _write_per_image(run_dir: Path, methods: dict[str, dict[str, dict[int, float]]]) -> None:

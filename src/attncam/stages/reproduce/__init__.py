@@ -1,16 +1,25 @@
-"""Reproduce, as far as this codebase can, the three papers' results and write the report.
+"""Reproduce, as far as this codebase can, the three papers' results and write the reports.
 
-One command trains (or reuses) the backbones, explains them, scores every map and writes
-``docs/REPRODUCTION.md`` with its tables, figures and manifests::
+One command runs the part of the reproduction asked for (setting ``part``):
 
-    python scripts/reproduce.py scale=cpu       # synthetic data, <= 45 min on an idle 2-core CPU
-    python scripts/reproduce.py scale=tiny work_dir=/tmp/r docs_dir=/tmp/r/docs   # the test
-    python scripts/reproduce.py scale=imagenet  # the published protocol (GPU, ImageNet)
-    python scripts/reproduce.py scale=cpu --print-commands   # that scale's train and explain commands
+* ``guidance`` (default): the primary experiment, "does attention guidance help?" (package
+  ``attncam.stages.reproduce.guidance``), which writes ``docs/REPRODUCTION.md``;
+* ``table2``: the paper's table-2 analogue (ResNet-50, GoogLeNet, VGG-19 x {none, cbam}), which
+  trains (or reuses) the backbones, explains them, scores every map and writes
+  ``docs/REPRODUCTION_TABLE2.md`` with its tables (``docs/reproduction/table2``) and figures;
+* ``all``: guidance, then table2.
+
+::
+
+    python scripts/reproduce.py scale=cpu                # the primary experiment
+    python scripts/reproduce.py scale=cpu part=table2    # the table-2 analogue (~30 min, 2 cores)
+    python scripts/reproduce.py scale=tiny part=table2 work_dir=/tmp/r docs_dir=/tmp/r/docs
+    python scripts/reproduce.py scale=imagenet part=table2   # the published protocol (GPU)
+    python scripts/reproduce.py scale=cpu --print-commands   # the table-2 part's commands
 
 Settings live in ``conf/reproduce/<scale>.yaml``; any key can be overridden as ``key=value``
 (OmegaConf dot-list, e.g. ``explain.limit=100 reuse=true``); the published numbers the report
-prints beside ours are in ``conf/reproduce/paper.yaml``. The stages (``experiments``):
+prints beside ours are in ``conf/reproduce/paper.yaml``. The table-2 stages (``experiments``):
 
 a. fine-tuning: every family x {none, cbam} with ``attncam.stages.train.run`` (An & Joe table 2);
 b. the paper's methods on every CBAM backbone with ``attncam.stages.explain.run`` (tables 3, 4),
@@ -21,7 +30,8 @@ d. Grad-CAM: Guided Grad-CAM figures and the cascading-randomisation sanity chec
 e. every method on one GAP -> FC backbone with insertion/deletion, ROAD and the pointing games,
    with paired-bootstrap tests on the per-image values.
 
-The report (``report``) is rendered from the tables the run writes into ``docs/reproduction``.
+The table-2 report (``report``) is rendered from the tables the run writes into
+``docs/reproduction/table2``.
 """
 
 from __future__ import annotations
@@ -64,6 +74,7 @@ from attncam.stages.reproduce.report import (
 )
 from attncam.stages.reproduce.settings import (
     ROOT,
+    check_part,
     load_paper,
     load_settings,
     resolve_dir,
@@ -232,8 +243,8 @@ def run_experiments(
     }  # fmt: skip
 
 
-def run(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
-    """Run every stage of the settings' scale and write the report, its tables and manifest.
+def run_table2(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
+    """The table-2 part: run every stage of the settings' scale and write its report and tables.
 
     Args:
         s: Settings from :func:`~attncam.stages.reproduce.settings.load_settings`.
@@ -248,7 +259,7 @@ def run(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
     for p in (work, docs / "figures", docs / TABLES_DIR):
         p.mkdir(parents=True, exist_ok=True)
     timer = Timer(work / "timings.json", bool(s.reuse))
-    log.info("reproduce scale=%s -> %s (work %s)", s.scale, docs, work)
+    log.info("reproduce scale=%s part=table2 -> %s (work %s)", s.scale, docs, work)
     paper = load_paper()
     results = run_experiments(s, work, docs, timer, paper)
     _write_tables(docs / TABLES_DIR, paper, results)
@@ -267,14 +278,56 @@ def run(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
     return {"report": str(report), "seconds": timer.total, "docs": str(docs)}
 
 
+def _run_guidance(s: DictConfig, command: str) -> dict[str, Any]:
+    """The guidance part (imported here: it is a separate package, loaded only when asked for)."""
+    try:
+        from attncam.stages.reproduce.guidance import run as run_guidance
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.guidance":
+            raise
+        raise ModuleNotFoundError(
+            f"part=guidance needs the package {__name__}.guidance, which this checkout lacks; "
+            "run part=table2 for the table-2 analogue"
+        ) from err
+    return run_guidance(s, command)
+
+
+def run(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
+    """Run the part of the reproduction the settings ask for (``part``).
+
+    Args:
+        s: Settings from :func:`~attncam.stages.reproduce.settings.load_settings`.
+        command: The command line recorded in the manifests.
+
+    Returns:
+        ``{"part": part}`` plus each part's results under its name (``guidance``, ``table2``).
+
+    Raises:
+        ValueError: ``part`` is not ``guidance``, ``table2`` or ``all``.
+    """
+    part = check_part(s)
+    out: dict[str, Any] = {"part": part}
+    if part in ("guidance", "all"):
+        out["guidance"] = _run_guidance(s, command)
+    if part in ("table2", "all"):
+        out["table2"] = run_table2(s, command)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """The command line: ``scale=cpu|tiny|imagenet``, ``key=value``, ``--print-commands``."""
+    """The command line: ``scale=cpu|tiny|imagenet``, ``part=guidance|table2|all``,
+    ``key=value``, ``--print-commands``."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("overrides", nargs="*", help="scale=cpu|tiny|imagenet and key=value")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="scale=cpu|tiny|imagenet, part=guidance|table2|all and key=value",
+    )
     parser.add_argument("--print-commands", action="store_true",
-                        help="print the commands of the scale asked for and exit")  # fmt: skip
+                        help="print the table-2 part's train.py / explain.py commands of the "
+                             "scale asked for and exit")  # fmt: skip
     args = parser.parse_args(argv)
     if args.print_commands:
         sys.stdout.write("\n".join(scale_commands(load_settings(args.overrides))) + "\n")
@@ -286,4 +339,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return run(s, command)
 
 
-__all__ = ["load_per_image", "load_settings", "main", "manifest", "run", "run_experiments"]
+__all__ = [
+    "load_per_image",
+    "load_settings",
+    "main",
+    "manifest",
+    "run",
+    "run_experiments",
+    "run_table2",
+]

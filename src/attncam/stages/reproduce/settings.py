@@ -24,6 +24,10 @@ CONF = ROOT / "conf"
 #: Files in ``conf/reproduce`` that are not a scale.
 NOT_A_SCALE = frozenset({"paper"})
 
+#: The parts of the reproduction (setting ``part``): the primary experiment, the paper's table-2
+#: analogue, or both (guidance first).
+PARTS: tuple[str, ...] = ("guidance", "table2", "all")
+
 
 def scales(conf_dir: Path = CONF) -> list[str]:
     """The scales in ``conf_dir/reproduce`` (``cpu``, ``imagenet``, ``tiny``, ...), sorted."""
@@ -43,8 +47,8 @@ def load_settings(argv: Sequence[str], conf_dir: Path = CONF) -> DictConfig:
         The merged settings.
 
     Raises:
-        SystemExit: the scale has no file (the message lists the valid scales), or there is no
-            ``conf_dir/reproduce`` (not a checkout).
+        SystemExit: the scale has no file (the message lists the valid scales), ``part`` is not
+            one of :data:`PARTS`, or there is no ``conf_dir/reproduce`` (not a checkout).
     """
     if not (conf_dir / "reproduce").is_dir():
         raise SystemExit(f"no {conf_dir / 'reproduce'}: run from a checkout of attncam")
@@ -63,7 +67,23 @@ def load_settings(argv: Sequence[str], conf_dir: Path = CONF) -> DictConfig:
         cfg, OmegaConf.from_dotlist([a for a in dots if not a.startswith("scale=")])
     )
     assert isinstance(cfg, DictConfig)
+    try:
+        check_part(cfg)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     return cfg
+
+
+def check_part(s: DictConfig) -> str:
+    """The settings' ``part`` (``guidance``, ``table2`` or ``all``).
+
+    Raises:
+        ValueError: ``part`` is missing or not one of :data:`PARTS` (the message names both).
+    """
+    part = s.get("part")
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; choose one of: {', '.join(PARTS)}")
+    return str(part)
 
 
 def load_paper(conf_dir: Path = CONF) -> dict[str, Any]:
@@ -146,7 +166,7 @@ def _quote(arg: str) -> str:
 
 
 def scale_commands(s: DictConfig) -> list[str]:
-    """The ``train.py`` and ``explain.py`` command lines ``scripts/reproduce.py`` runs at ``s``.
+    """The ``train.py`` and ``explain.py`` command lines of the table-2 part at ``s``.
 
     Built from the same overrides the in-process stages compose (``train_overrides``,
     ``explain_overrides``), so they match the scale asked for. Stages with no CLI (the
@@ -160,7 +180,8 @@ def scale_commands(s: DictConfig) -> list[str]:
         Lines: ``#`` comments and one command per line.
     """
     work = Path(str(s.work_dir)) / "table2"
-    out = [f"# scale={s.scale}: the commands of scripts/reproduce.py scale={s.scale}",
+    run = f"scripts/reproduce.py scale={s.scale} part=table2"
+    out = [f"# scale={s.scale} part=table2: the commands of {run}",
            "# 1. Fine-tune every family with and without attention:"]  # fmt: skip
     for family in s.train.families:
         for att in s.train.attentions:
@@ -181,14 +202,16 @@ def scale_commands(s: DictConfig) -> list[str]:
     out += [
         "# 3. The Percentage-in variants, SCA-CAM's scacam_fc row and CAW ratio, the sanity",
         "#    check and the report in one go (reuse=true picks up finished stages):",
-        f"python scripts/reproduce.py scale={s.scale} reuse=true",
+        f"python {run} reuse=true",
     ]
     return out
 
 
 __all__ = [
     "CONF",
+    "PARTS",
     "ROOT",
+    "check_part",
     "compose_cfg",
     "data_overrides",
     "explain_overrides",
