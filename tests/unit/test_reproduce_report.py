@@ -24,13 +24,20 @@ from attncam.stages.reproduce.experiments import (
     significance,
     with_lerf_minus_morf,
 )
+from attncam.stages.reproduce.geometry import cam_geometry, control_name, same_tensor
+from attncam.stages.reproduce.names import AG_VARIANTS
 from attncam.stages.reproduce.report import (
     SECTIONS,
+    TABLES_DIR,
     ReportInputs,
     block,
     fragment,
     imagenet_commands,
     render_report,
+    section_header,
+    section_methods,
+    split_by_accuracy,
+    verdict_rows,
 )
 from attncam.stages.reproduce.settings import (
     check_part,
@@ -48,9 +55,7 @@ DOCS = ROOT / "docs"
 def committed() -> tuple[str, str]:
     """The committed report and the same report re-rendered from the committed tables."""
     text = (DOCS / "REPRODUCTION_TABLE2.md").read_text()
-    written = re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d) \(", text)
-    assert written, "the report's header names when it was written"
-    return text, render_report(ReportInputs.from_tables(DOCS, written=written.group(1)))
+    return text, render_report(ReportInputs.from_tables(DOCS))
 
 
 def test_committed_report_rerenders_headings_and_tables(committed: tuple[str, str]) -> None:
@@ -66,6 +71,75 @@ def test_committed_report_rerenders_byte_for_byte(committed: tuple[str, str]) ->
     assert again == text
 
 
+def test_committed_report_says_which_run_and_what_it_can_say(committed: tuple[str, str]) -> None:
+    """The header names the run (commit and date of the manifest) and the primary report; the
+    grids are the model code's; weak networks are excluded; no directional verdict."""
+    text, _ = committed
+    head = text.split("## What this run is")[0]
+    man = json.loads((DOCS / TABLES_DIR / "manifest.json").read_text())
+    assert f"commit `{man['git_commit'][:7]}`" in head and f"written on {man['written']}" in head
+    assert "[docs/REPRODUCTION.md](REPRODUCTION.md)" in head
+    assert "resnet50 3x3" in text and "googlenet 2x2" in text and "vgg19 4x4" in text
+    assert "excluded: googlenet (78.9%), vgg19 (22.7%)" in head
+    assert "this part is **inconclusive**" in head
+    assert "**Verdict of this part: inconclusive.**" in text
+    for claim in ("does **not** help", "significantly worse", "more often a loss"):
+        assert claim not in text, claim
+    # The mean columns average ResNet-50 alone (the only network >= 85%).
+    assert (
+        "| gradcam | 29.03 [19.33, 39.57] | 57.32 [43.92, 70.41] | 6.28 [0.14, 13.17] | 29.03 |"
+        in text
+    )
+
+
+def test_verdict_rows_apply_the_checks() -> None:
+    r = ReportInputs.from_tables(DOCS)
+    rows = {(x["family"], x["a"], x["metric"]): x for x in verdict_rows(r)}
+    assert {f for f, _, _ in rows} == {"resnet50"}  # GoogLeNet 78.9%, VGG-19 22.7%: excluded
+    ag = rows["resnet50", "attention_guided", "average_drop"]
+    assert ag["reading"] == "different tensors"  # CBAM in every bottleneck: the residual branch
+    assert ag["mde_approx"] and ag["mde"] == pytest.approx(18.8, abs=0.1)  # the issue's ~19
+    pg = rows["resnet50", "attention_guided[multi_stage]", "pointing_game"]
+    assert pg["reading"] == "not testable at this grid (3x3)"
+    assert rows["resnet50", "attention_guided[multi_stage]", "average_drop"]["reading"] == (
+        "inconclusive"
+    )
+    # With every network let in, GoogLeNet's comparisons (same tensor, 2x2 grid) are read too.
+    r.settings.table2.verdict_min_accuracy = 0
+    rows = {(x["family"], x["a"], x["metric"]): x for x in verdict_rows(r)}
+    assert rows["googlenet", "attention_guided", "pointing_game"]["reading"] == (
+        "not testable at this grid (2x2)"
+    )
+    ms = rows["googlenet", "attention_guided[multi_stage]", "average_drop"]
+    assert ms["reading"] == "worse (Holm)"
+    assert "**inconclusive**" in section_header(r)[-2]  # a resolved difference is no verdict
+    mean = [x for x in section_methods(r) if x.startswith("| gradcam |")][0]
+    assert mean.split(" | ")[-2] == "30.88"  # the mean of all three networks
+
+
+def test_cam_geometry_from_the_model_code() -> None:
+    grids = {f: cam_geometry(f, "blocks", 72) for f in ("resnet50", "googlenet", "vgg19")}
+    assert {f: c["grid"] for f, c in grids.items()} == {
+        "resnet50": [3, 3], "googlenet": [2, 2], "vgg19": [4, 4],
+    }  # fmt: skip
+    res = grids["resnet50"]
+    assert res["tensors"]["attention_guided"] == "features.layer4.2.attention"
+    assert not same_tensor(res, "attention_guided")
+    assert not same_tensor(res, "attention_guided[spatial_product]")
+    assert same_tensor(res, "attention_guided[multi_stage]")
+    assert control_name(res, "attention_guided") == "gradcam[layer=features.layer4.2.attention]"
+    assert all(same_tensor(grids["googlenet"], v) for v in AG_VARIANTS)  # gates the CAM layer
+    last = cam_geometry("resnet50", "last", 224)
+    assert last["grid"] == [7, 7] and all(same_tensor(last, v) for v in AG_VARIANTS)
+
+
+def test_split_by_accuracy() -> None:
+    trained = {"a/cbam": {"test/acc": 0.85}, "b/cbam": {"test/acc": 0.8499}, "c/none": {}}
+    assert split_by_accuracy(trained, ["a", "b", "c"], 85) == (
+        {"a": 85.0}, {"b": pytest.approx(84.99), "c": None},
+    )  # fmt: skip
+
+
 def test_every_section_fills_its_fields() -> None:
     inputs = ReportInputs.from_tables(DOCS)
     for section in SECTIONS:
@@ -76,8 +150,8 @@ def test_every_section_fills_its_fields() -> None:
 
 
 def test_template_blocks() -> None:
-    assert block("verdict_none") == ["No paired comparison was possible.", ""]
-    line = fragment("significance_family", family="f", n_significant=1, n_paired=2)
+    assert block("scope_subset_all") == ["every test image", ""]
+    line = fragment("significance_family", family="f", excluded="", n_significant=1, n_paired=2)
     assert line == "**f**: 1 of 2 paired comparisons significant after Holm adjustment."
     with pytest.raises(KeyError, match="choose one of: header"):
         block("no_such_block")
@@ -179,6 +253,7 @@ def test_significance_rows() -> None:
     rows = significance(values, [("a", "b")], ["average_drop", "pointing_game"], s)
     ad, pg = rows
     assert ad["paired"] and ad["n"] == 7 and ad["diff"] == pytest.approx(-10.0)
+    assert ad["mde"] == 0.0  # every paired difference is -10: no spread
     assert ad["significant"] and ad["a_better"] is True  # lower Average Drop is better
     assert ad["p_holm"] == pytest.approx(min(1.0, ad["p"]))  # one paired test in the family
     assert not pg["paired"] and "too few images in common (1" in pg["reason"]

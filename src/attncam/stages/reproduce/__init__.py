@@ -40,7 +40,6 @@ import argparse
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -51,6 +50,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from attncam.runtime import library_versions
+from attncam.stages.design import git_state
 from attncam.stages.reproduce.experiments import (
     Timer,
     copy_file,
@@ -65,11 +65,14 @@ from attncam.stages.reproduce.experiments import (
     stage_train,
     write_table,
 )
+from attncam.stages.reproduce.geometry import cam_from_explain_manifest, control_name
 from attncam.stages.reproduce.names import AG_VARIANTS, PAPER_BASELINES, is_paired_metric
 from attncam.stages.reproduce.report import (
     TABLES_DIR,
     ReportInputs,
     closest_variant,
+    run_info,
+    split_by_accuracy,
     write_report,
 )
 from attncam.stages.reproduce.settings import (
@@ -123,10 +126,11 @@ def _copy_run_figures(runs: dict[str, dict[str, Any]], figures: Path) -> list[st
 
 
 def _significance_all(
-    s: DictConfig, runs: dict[str, dict[str, Any]]
+    s: DictConfig, runs: dict[str, dict[str, Any]], cams: dict[str, dict[str, Any]]
 ) -> dict[str, list[dict[str, Any]]]:
-    """Per backbone: every method vs the reference, and each attention-guided variant vs the
-    other baselines, on every paired per-image metric."""
+    """Per backbone: every method vs the reference, each attention-guided variant vs the other
+    baselines and vs Grad-CAM on its own tensor (the explain stage's control row, when it added
+    one), on every paired per-image metric."""
     sig: dict[str, list[dict[str, Any]]] = {}
     ref = s.significance.reference
     for fam, r in runs.items():
@@ -135,21 +139,32 @@ def _significance_all(
         pairs += [
             (v, b) for v in AG_VARIANTS if v in names for b in PAPER_BASELINES[1:] if b in names
         ]
+        pairs += [
+            (v, control_name(cams[fam], v))
+            for v in AG_VARIANTS
+            if v in names and control_name(cams[fam], v) in names
+        ]
         metrics = sorted({k for v in r["per_image"].values() for k in v if is_paired_metric(k)})
         sig[fam] = significance(r["per_image"], pairs, metrics, s)
     return sig
 
 
-def _write_tables(tables: Path, paper: dict[str, Any], results: dict[str, Any]) -> None:
+def _write_tables(
+    s: DictConfig, tables: Path, paper: dict[str, Any], results: dict[str, Any]
+) -> None:
     """``docs/reproduction/table2/*.json``: every table of the report (the manifest comes last)."""
     runs, beyond = results["runs"], results["beyond"]
     write_table(tables / "methods.json", {
         "paper": paper["an_joe"],
         "backbones": {f: {"results": r["results"], "run": r["output_dir"]} for f, r in runs.items()},
     })  # fmt: skip
+    entering, _ = split_by_accuracy(
+        results["trained"], list(runs), float(s.table2.verdict_min_accuracy)
+    )
+    closest = closest_variant(results["pvar"], paper, list(entering))
     write_table(
         tables / "percentage_in_variants.json",
-        {"closest": closest_variant(results["pvar"], paper), "backbones": results["pvar"]},
+        {"closest": closest, "backbones": results["pvar"]},
     )
     write_table(tables / "scacam.json", {"caw": results["caw"], "maps": results["scagrid"]})
     write_table(tables / "sanity.json", results["sanity"])
@@ -160,30 +175,45 @@ def _write_tables(tables: Path, paper: dict[str, Any], results: dict[str, Any]) 
     })  # fmt: skip
 
 
-def git_commit(root: Path = ROOT) -> str | None:
-    """The checkout's commit, or ``None`` outside a git checkout."""
+def _load_average() -> list[float] | None:
+    """The 1, 5 and 15 min load averages (None where the OS has none)."""
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
         return None
 
 
+def _explain_record(r: dict[str, Any], cam: dict[str, Any]) -> dict[str, Any]:
+    """One explain run in the manifest: where, how many images (which), methods, CAM geometry."""
+    return {
+        "output_dir": r["output_dir"],
+        "n_images": r["manifest"]["n_images"],
+        "subset": "stratified" if "image_ids_file" in r["manifest"] else "first",
+        "methods": r["methods"],
+        "seconds": r["manifest"].get("seconds"),
+        "checkpoint_sha256": r["manifest"].get("checkpoint_sha256"),
+        "cam": cam,
+    }
+
+
 def manifest(
-    s: DictConfig, command: str, timer: Timer, results: dict[str, Any], docs: Path, report: Path
-) -> dict[str, Any]:
-    """The run's manifest: settings, commit, timings, host, versions, runs, tables, figures."""
+    s: DictConfig, info: dict[str, Any], timer: Timer, results: dict[str, Any], docs: Path,
+    report: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """The run's manifest: command, commit, settings, timings, load, host, versions, runs,
+    tables, figures. ``info``: ``command``, ``git_commit``, ``git_dirty``, ``written`` and
+    ``load_average_before``."""
     tables = docs / TABLES_DIR
     return {
-        "command": command,
+        **{k: info[k] for k in ("command", "git_commit", "git_dirty", "written")},
+        "part": "table2",
         "scale": s.scale,
         "settings": OmegaConf.to_container(s, resolve=True),
-        "git_commit": git_commit(),
         "wall_seconds": timer.total,
         "stage_seconds_total": timer.stage_total,
         "reuse": bool(s.reuse),
         "stages_seconds": timer.stages,
+        "load_average": {"before": info["load_average_before"], "after": _load_average()},
         "host": {
             "node": platform.node(),
             "cpus": os.cpu_count(),
@@ -195,14 +225,7 @@ def manifest(
             for k, v in results["trained"].items()
         },
         "explain_runs": {
-            f: {
-                "output_dir": r["output_dir"],
-                "n_images": r["manifest"]["n_images"],
-                "methods": r["methods"],
-                "seconds": r["manifest"].get("seconds"),
-                "checkpoint_sha256": r["manifest"].get("checkpoint_sha256"),
-            }
-            for f, r in results["runs"].items()
+            f: _explain_record(r, results["cams"][f]) for f, r in results["runs"].items()
         },
         "tables": sorted(p.name for p in tables.glob("*.json")),
         "figures": results["figures"],
@@ -216,13 +239,15 @@ def run_experiments(
     """Every stage: training, explain runs, SCA-CAM, sanity, significance.
 
     Returns:
-        ``trained``, ``runs``, ``pvar``, ``caw``, ``scagrid``, ``sanity``, ``sig``, ``figures``
-        and ``beyond`` (the family explained with every method).
+        ``trained``, ``runs``, ``cams`` (per explained family its CAM layer, grid and the tensor
+        of each attention-guided variant), ``pvar``, ``caw``, ``scagrid``, ``sanity``, ``sig``,
+        ``figures`` and ``beyond`` (the family explained with every method).
     """
     figures, tables = docs / "figures", docs / TABLES_DIR
     trained = stage_train(s, work, timer)
     write_table(tables / "finetune.json", {"runs": trained, "paper": paper["cbam_resnet50"]})
     runs, pvar, ckpts = _explain_all(s, work, trained, timer)
+    cams = {f: cam_from_explain_manifest(r["manifest"]) for f, r in runs.items()}
     fig_names = _copy_run_figures(runs, figures)
     beyond = s.explain.beyond_family
     with timer.stage("scacam"):
@@ -236,9 +261,9 @@ def run_experiments(
         sanity_plot(sanity, figures / "sanity_curves.png")
     fig_names += [*sanity["figures"], "sanity_curves.png"]
     with timer.stage("significance"):
-        sig = _significance_all(s, runs)
+        sig = _significance_all(s, runs, cams)
     return {
-        "trained": trained, "runs": runs, "pvar": pvar, "caw": caw, "scagrid": scagrid,
+        "trained": trained, "runs": runs, "cams": cams, "pvar": pvar, "caw": caw, "scagrid": scagrid,
         "sanity": sanity, "sig": sig, "figures": fig_names, "beyond": beyond,
     }  # fmt: skip
 
@@ -258,21 +283,26 @@ def run_table2(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
     work, docs = table2_work_dir(s), resolve_dir(s.docs_dir)
     for p in (work, docs / "figures", docs / TABLES_DIR):
         p.mkdir(parents=True, exist_ok=True)
+    git = git_state(ROOT)
+    info = {
+        "command": command, "git_commit": git["commit"], "git_dirty": git["dirty"],
+        "load_average_before": _load_average(),
+    }  # fmt: skip
     timer = Timer(work / "timings.json", bool(s.reuse))
     log.info("reproduce scale=%s part=table2 -> %s (work %s)", s.scale, docs, work)
     paper = load_paper()
     results = run_experiments(s, work, docs, timer, paper)
-    _write_tables(docs / TABLES_DIR, paper, results)
+    _write_tables(s, docs / TABLES_DIR, paper, results)
+    info["written"] = time.strftime("%Y-%m-%d %H:%M")
     inputs = ReportInputs(
         settings=s, paper=paper, **{k: v for k, v in results.items() if k != "beyond"},
         stages=timer.stages, stage_total=timer.stage_total, total=timer.total,
-        written=time.strftime("%Y-%m-%d %H:%M"), host=platform.node(),
-        torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
+        written=info["written"], host=platform.node(), torch_threads=torch.get_num_threads(),
+        cpus=os.cpu_count(), run_info=run_info(info, results["runs"]),
     )  # fmt: skip
     report = write_report(inputs, docs)
     write_table(
-        docs / TABLES_DIR / "manifest.json",
-        manifest(s, command, timer, results, docs, report),
+        docs / TABLES_DIR / "manifest.json", manifest(s, info, timer, results, docs, report)
     )
     log.info("report written to %s in %.0f s", report, timer.total)
     return {"report": str(report), "seconds": timer.total, "docs": str(docs)}
