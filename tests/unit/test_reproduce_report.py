@@ -155,13 +155,54 @@ def test_template_blocks() -> None:
     assert line == "**f**: 1 of 2 paired comparisons significant after Holm adjustment."
     with pytest.raises(KeyError, match="choose one of: header"):
         block("no_such_block")
-    assert imagenet_commands()[-1] == "python scripts/reproduce.py scale=imagenet"
+    assert imagenet_commands()[-1] == "python scripts/reproduce.py scale=imagenet part=table2"
 
 
 def test_print_commands(capsys: pytest.CaptureFixture[str]) -> None:
     """--print-commands prints the commands of the scale asked for (the ImageNet ones for it)."""
     assert main(["scale=imagenet", "--print-commands"]) == {}
     assert capsys.readouterr().out.splitlines() == scale_commands(load_settings(["scale=imagenet"]))
+
+
+def test_imagenet_commands_pin_the_weights_placement_and_anchors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """scale=imagenet: V1 weights, placement=last, a seeded stratified subset, the anchors."""
+    import shlex
+
+    from torchvision.models import GoogLeNet_Weights, ResNet50_Weights, VGG19_Weights
+
+    from attncam.models.backbones import weights_enum_member
+    from attncam.stages.reproduce.settings import compose_cfg
+
+    main(["scale=imagenet", "--print-commands"])
+    out = capsys.readouterr().out
+    an = load_paper()["an_joe"]
+    i = an["methods"].index("gradcam")
+    anchors = (f"Average Drop {an['average_drop'][i]:.2f}",
+               f"Confidence {an['increase_in_confidence'][i]:.2f}")  # fmt: skip
+    assert anchors == ("Average Drop 45.27", "Confidence 23.06")
+    commands = [shlex.split(x) for x in out.splitlines() if x.startswith("python ")]
+    train = [c for c in commands if c[1] == "train.py"]
+    explain = [c for c in commands if c[1] == "explain.py"]
+    assert len(train) == 6 and len(explain) == 3
+    for c in train:
+        assert "model.weights=IMAGENET1K_V1" in c and "model.placement=last" in c, c
+        assert not any(o.startswith(("threads=", "optim.lr=")) for o in c), c  # not cpu.yaml's
+    cfg = compose_cfg("train", [o for o in train[1][2:] if not o.startswith("hydra.")])
+    assert (cfg.model.weights, cfg.model.placement, cfg.model.attention) == (
+        "IMAGENET1K_V1", "last", "cbam",
+    )  # fmt: skip
+    for enum_cls in (ResNet50_Weights, GoogLeNet_Weights, VGG19_Weights):
+        weights_enum_member(enum_cls, "IMAGENET1K_V1", enum_cls.__name__)  # exists, no download
+    assert all("limit=2000" in c and "seed=42" in c and "data=imagenet" in c for c in explain)
+    assert "class-stratified subset of 2000 images drawn with seed=42" in out
+    assert all(a in out for a in anchors) and "means the protocol differs" in out
+    # the report's scale=imagenet section says the same
+    raw = "\n".join(imagenet_commands())
+    for word in ("model.weights=IMAGENET1K_V1", "model.placement=last", "class-stratified",
+                 "seed=42", *anchors, "means the protocol differs"):  # fmt: skip
+        assert word in raw, word
 
 
 def test_settings_and_paper() -> None:

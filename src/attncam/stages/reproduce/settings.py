@@ -138,11 +138,12 @@ def explain_overrides(s: DictConfig, ckpt: Path, metrics: Sequence[str]) -> list
     """The ``explain.py`` overrides of one explain run (methods are set on the config).
 
     The run keeps its maps (``maps.npz``, re-scored by the Percentage-in variants) and its
-    per-image metric values (``per_image.json``, paired by the significance tests).
+    per-image metric values (``per_image.json``, paired by the significance tests); ``limit=N``
+    explains a class-stratified subset drawn with the reproduction's ``seed``.
     """
     e = s.explain
     ov = [f"ckpt={ckpt}", "method=paper", "metrics=default", "logger=none", "save_maps=true"]
-    ov += ["save_per_image=true"]
+    ov += ["save_per_image=true", f"seed={s.seed}"]
     ov += [f"limit={e.limit if e.limit is not None else 'null'}", f"batch_size={e.batch_size}"]
     ov += [f"figure_rows={e.figure_rows}", f"metrics.num_resamples={e.num_resamples}"]
     ov += [
@@ -165,13 +166,49 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
+def grad_cam_anchors(paper: dict[str, Any] | None = None) -> list[str]:
+    """Comment lines: An & Joe's Grad-CAM row, which an ImageNet run should land near."""
+    an = (paper or load_paper())["an_joe"]
+    i = an["methods"].index("gradcam")
+    return [
+        f"# Expected Grad-CAM anchors (An & Joe 2022, ImageNet; conf/reproduce/paper.yaml): "
+        f"Average Drop {an['average_drop'][i]:.2f}, Increase in Confidence "
+        f"{an['increase_in_confidence'][i]:.2f}.",
+        "# A Grad-CAM row far from them means the protocol differs (weights, images, "
+        "preprocessing, score or masking), not that another method is better.",
+    ]
+
+
+def _explain_lines(s: DictConfig, work: Path) -> list[str]:
+    """Step 2 of :func:`scale_commands`: one ``explain.py`` line per CBAM checkpoint."""
+    e = s.explain
+    subset = "every image" if e.limit is None else (
+        f"a class-stratified subset of {e.limit} images drawn with seed={s.seed} (limit=N draws it)"
+    )  # fmt: skip
+    out = [f"# 2. Explain each attention checkpoint on {subset}: the paper's methods and metrics."]
+    if e.get("data") == "imagenet":
+        out += grad_cam_anchors()
+    for family in [f for f in s.train.families if "cbam" in s.train.attentions]:
+        beyond = family == e.get("beyond_family")
+        ckpt = work / "train" / f"{family}_cbam" / "checkpoints" / "best.ckpt"
+        metrics = list(e.beyond_metrics if beyond else e.paper_metrics)
+        ov = explain_overrides(s, ckpt, metrics)
+        if beyond:
+            methods = ",".join(["paper", *e.beyond_methods])
+            ov = [f"method=[{methods}]" if o == "method=paper" else o for o in ov]
+        ov.append(f"hydra.run.dir={work}/explain/{family}_cbam")
+        out.append("python explain.py " + " ".join(_quote(o) for o in ov))
+    return out
+
+
 def scale_commands(s: DictConfig) -> list[str]:
     """The ``train.py`` and ``explain.py`` command lines of the table-2 part at ``s``.
 
     Built from the same overrides the in-process stages compose (``train_overrides``,
-    ``explain_overrides``), so they match the scale asked for. Stages with no CLI (the
-    Percentage-in variants, the CAW ratio, the sanity figures, the report) are named in a closing
-    comment.
+    ``explain_overrides``), so they match the scale asked for. On ImageNet the expected Grad-CAM
+    anchors (:func:`grad_cam_anchors`) are written beside the explain commands. Stages with no
+    CLI (the Percentage-in variants, the CAW ratio, the sanity figures, the report) are named in
+    a closing comment.
 
     Args:
         s: The reproduction settings (``load_settings``).
@@ -187,18 +224,7 @@ def scale_commands(s: DictConfig) -> list[str]:
         for att in s.train.attentions:
             ov = [*train_overrides(s, family, att), f"hydra.run.dir={work}/train/{family}_{att}"]
             out.append("python train.py " + " ".join(_quote(o) for o in ov))
-    out.append("# 2. Explain each attention checkpoint (the paper's methods and metrics):")
-    e = s.explain
-    for family in [f for f in s.train.families if "cbam" in s.train.attentions]:
-        beyond = family == e.get("beyond_family")
-        ckpt = work / "train" / f"{family}_cbam" / "checkpoints" / "best.ckpt"
-        metrics = list(e.beyond_metrics if beyond else e.paper_metrics)
-        ov = explain_overrides(s, ckpt, metrics)
-        if beyond:
-            methods = ",".join(["paper", *e.beyond_methods])
-            ov = [f"method=[{methods}]" if o == "method=paper" else o for o in ov]
-        ov.append(f"hydra.run.dir={work}/explain/{family}_cbam")
-        out.append("python explain.py " + " ".join(_quote(o) for o in ov))
+    out += _explain_lines(s, work)
     out += [
         "# 3. The Percentage-in variants, SCA-CAM's scacam_fc row and CAW ratio, the sanity",
         "#    check and the report in one go (reuse=true picks up finished stages):",
@@ -215,6 +241,7 @@ __all__ = [
     "compose_cfg",
     "data_overrides",
     "explain_overrides",
+    "grad_cam_anchors",
     "load_paper",
     "load_settings",
     "resolve_dir",
