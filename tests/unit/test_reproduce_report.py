@@ -1,7 +1,7 @@
 """attncam.stages.reproduce without running it: settings, per-image pairing, the report.
 
-The committed ``docs/REPRODUCTION.md`` must re-render from the committed
-``docs/reproduction/*.json`` (every heading, table and sentence), so the report code, its template
+The committed ``docs/REPRODUCTION_TABLE2.md`` must re-render from the committed
+``docs/reproduction/table2/*.json`` (every heading, table and sentence), so the report code, its template
 and ``conf/reproduce/paper.yaml`` cannot drift from what the run wrote.
 """
 
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -22,15 +24,28 @@ from attncam.stages.reproduce.experiments import (
     significance,
     with_lerf_minus_morf,
 )
+from attncam.stages.reproduce.geometry import cam_geometry, control_name, same_tensor
+from attncam.stages.reproduce.names import AG_VARIANTS
 from attncam.stages.reproduce.report import (
     SECTIONS,
+    TABLES_DIR,
     ReportInputs,
     block,
     fragment,
     imagenet_commands,
     render_report,
+    section_header,
+    section_methods,
+    split_by_accuracy,
+    verdict_rows,
 )
-from attncam.stages.reproduce.settings import load_paper, load_settings, scale_commands, scales
+from attncam.stages.reproduce.settings import (
+    check_part,
+    load_paper,
+    load_settings,
+    scale_commands,
+    scales,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -39,10 +54,8 @@ DOCS = ROOT / "docs"
 @pytest.fixture(scope="module")
 def committed() -> tuple[str, str]:
     """The committed report and the same report re-rendered from the committed tables."""
-    text = (DOCS / "REPRODUCTION.md").read_text()
-    written = re.search(r" on (\d{4}-\d\d-\d\d \d\d:\d\d) \(", text)
-    assert written, "the report's header names when it was written"
-    return text, render_report(ReportInputs.from_tables(DOCS, written=written.group(1)))
+    text = (DOCS / "REPRODUCTION_TABLE2.md").read_text()
+    return text, render_report(ReportInputs.from_tables(DOCS))
 
 
 def test_committed_report_rerenders_headings_and_tables(committed: tuple[str, str]) -> None:
@@ -58,6 +71,75 @@ def test_committed_report_rerenders_byte_for_byte(committed: tuple[str, str]) ->
     assert again == text
 
 
+def test_committed_report_says_which_run_and_what_it_can_say(committed: tuple[str, str]) -> None:
+    """The header names the run (commit and date of the manifest) and the primary report; the
+    grids are the model code's; weak networks are excluded; no directional verdict."""
+    text, _ = committed
+    head = text.split("## What this run is")[0]
+    man = json.loads((DOCS / TABLES_DIR / "manifest.json").read_text())
+    assert f"commit `{man['git_commit'][:7]}`" in head and f"written on {man['written']}" in head
+    assert "[docs/REPRODUCTION.md](REPRODUCTION.md)" in head
+    assert "resnet50 3x3" in text and "googlenet 2x2" in text and "vgg19 4x4" in text
+    assert "excluded: googlenet (78.9%), vgg19 (22.7%)" in head
+    assert "this part is **inconclusive**" in head
+    assert "**Verdict of this part: inconclusive.**" in text
+    for claim in ("does **not** help", "significantly worse", "more often a loss"):
+        assert claim not in text, claim
+    # The mean columns average ResNet-50 alone (the only network >= 85%).
+    assert (
+        "| gradcam | 29.03 [19.33, 39.57] | 57.32 [43.92, 70.41] | 6.28 [0.14, 13.17] | 29.03 |"
+        in text
+    )
+
+
+def test_verdict_rows_apply_the_checks() -> None:
+    r = ReportInputs.from_tables(DOCS)
+    rows = {(x["family"], x["a"], x["metric"]): x for x in verdict_rows(r)}
+    assert {f for f, _, _ in rows} == {"resnet50"}  # GoogLeNet 78.9%, VGG-19 22.7%: excluded
+    ag = rows["resnet50", "attention_guided", "average_drop"]
+    assert ag["reading"] == "different tensors"  # CBAM in every bottleneck: the residual branch
+    assert ag["mde_approx"] and ag["mde"] == pytest.approx(18.8, abs=0.1)  # the issue's ~19
+    pg = rows["resnet50", "attention_guided[multi_stage]", "pointing_game"]
+    assert pg["reading"] == "not testable at this grid (3x3)"
+    assert rows["resnet50", "attention_guided[multi_stage]", "average_drop"]["reading"] == (
+        "inconclusive"
+    )
+    # With every network let in, GoogLeNet's comparisons (same tensor, 2x2 grid) are read too.
+    r.settings.table2.verdict_min_accuracy = 0
+    rows = {(x["family"], x["a"], x["metric"]): x for x in verdict_rows(r)}
+    assert rows["googlenet", "attention_guided", "pointing_game"]["reading"] == (
+        "not testable at this grid (2x2)"
+    )
+    ms = rows["googlenet", "attention_guided[multi_stage]", "average_drop"]
+    assert ms["reading"] == "worse (Holm)"
+    assert "**inconclusive**" in section_header(r)[-2]  # a resolved difference is no verdict
+    mean = [x for x in section_methods(r) if x.startswith("| gradcam |")][0]
+    assert mean.split(" | ")[-2] == "30.88"  # the mean of all three networks
+
+
+def test_cam_geometry_from_the_model_code() -> None:
+    grids = {f: cam_geometry(f, "blocks", 72) for f in ("resnet50", "googlenet", "vgg19")}
+    assert {f: c["grid"] for f, c in grids.items()} == {
+        "resnet50": [3, 3], "googlenet": [2, 2], "vgg19": [4, 4],
+    }  # fmt: skip
+    res = grids["resnet50"]
+    assert res["tensors"]["attention_guided"] == "features.layer4.2.attention"
+    assert not same_tensor(res, "attention_guided")
+    assert not same_tensor(res, "attention_guided[spatial_product]")
+    assert same_tensor(res, "attention_guided[multi_stage]")
+    assert control_name(res, "attention_guided") == "gradcam[layer=features.layer4.2.attention]"
+    assert all(same_tensor(grids["googlenet"], v) for v in AG_VARIANTS)  # gates the CAM layer
+    last = cam_geometry("resnet50", "last", 224)
+    assert last["grid"] == [7, 7] and all(same_tensor(last, v) for v in AG_VARIANTS)
+
+
+def test_split_by_accuracy() -> None:
+    trained = {"a/cbam": {"test/acc": 0.85}, "b/cbam": {"test/acc": 0.8499}, "c/none": {}}
+    assert split_by_accuracy(trained, ["a", "b", "c"], 85) == (
+        {"a": 85.0}, {"b": pytest.approx(84.99), "c": None},
+    )  # fmt: skip
+
+
 def test_every_section_fills_its_fields() -> None:
     inputs = ReportInputs.from_tables(DOCS)
     for section in SECTIONS:
@@ -68,18 +150,59 @@ def test_every_section_fills_its_fields() -> None:
 
 
 def test_template_blocks() -> None:
-    assert block("verdict_none") == ["No paired comparison was possible.", ""]
-    line = fragment("significance_family", family="f", n_significant=1, n_paired=2)
+    assert block("scope_subset_all") == ["every test image", ""]
+    line = fragment("significance_family", family="f", excluded="", n_significant=1, n_paired=2)
     assert line == "**f**: 1 of 2 paired comparisons significant after Holm adjustment."
     with pytest.raises(KeyError, match="choose one of: header"):
         block("no_such_block")
-    assert imagenet_commands()[-1] == "python scripts/reproduce.py scale=imagenet"
+    assert imagenet_commands()[-1] == "python scripts/reproduce.py scale=imagenet part=table2"
 
 
 def test_print_commands(capsys: pytest.CaptureFixture[str]) -> None:
     """--print-commands prints the commands of the scale asked for (the ImageNet ones for it)."""
     assert main(["scale=imagenet", "--print-commands"]) == {}
     assert capsys.readouterr().out.splitlines() == scale_commands(load_settings(["scale=imagenet"]))
+
+
+def test_imagenet_commands_pin_the_weights_placement_and_anchors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """scale=imagenet: V1 weights, placement=last, a seeded stratified subset, the anchors."""
+    import shlex
+
+    from torchvision.models import GoogLeNet_Weights, ResNet50_Weights, VGG19_Weights
+
+    from attncam.models.backbones import weights_enum_member
+    from attncam.stages.reproduce.settings import compose_cfg
+
+    main(["scale=imagenet", "--print-commands"])
+    out = capsys.readouterr().out
+    an = load_paper()["an_joe"]
+    i = an["methods"].index("gradcam")
+    anchors = (f"Average Drop {an['average_drop'][i]:.2f}",
+               f"Confidence {an['increase_in_confidence'][i]:.2f}")  # fmt: skip
+    assert anchors == ("Average Drop 45.27", "Confidence 23.06")
+    commands = [shlex.split(x) for x in out.splitlines() if x.startswith("python ")]
+    train = [c for c in commands if c[1] == "train.py"]
+    explain = [c for c in commands if c[1] == "explain.py"]
+    assert len(train) == 6 and len(explain) == 3
+    for c in train:
+        assert "model.weights=IMAGENET1K_V1" in c and "model.placement=last" in c, c
+        assert not any(o.startswith(("threads=", "optim.lr=")) for o in c), c  # not cpu.yaml's
+    cfg = compose_cfg("train", [o for o in train[1][2:] if not o.startswith("hydra.")])
+    assert (cfg.model.weights, cfg.model.placement, cfg.model.attention) == (
+        "IMAGENET1K_V1", "last", "cbam",
+    )  # fmt: skip
+    for enum_cls in (ResNet50_Weights, GoogLeNet_Weights, VGG19_Weights):
+        weights_enum_member(enum_cls, "IMAGENET1K_V1", enum_cls.__name__)  # exists, no download
+    assert all("limit=2000" in c and "seed=42" in c and "data=imagenet" in c for c in explain)
+    assert "class-stratified subset of 2000 images drawn with seed=42" in out
+    assert all(a in out for a in anchors) and "means the protocol differs" in out
+    # the report's scale=imagenet section says the same
+    raw = "\n".join(imagenet_commands())
+    for word in ("model.weights=IMAGENET1K_V1", "model.placement=last", "class-stratified",
+                 "seed=42", *anchors, "means the protocol differs"):  # fmt: skip
+        assert word in raw, word
 
 
 def test_settings_and_paper() -> None:
@@ -95,6 +218,41 @@ def test_settings_and_paper() -> None:
     an = paper["an_joe"]
     assert an["percentage_in_gradcam"] == an["percentage_in"]["gradcam"]
     assert len(an["methods"]) == len(an["average_drop"]) == len(an["increase_in_confidence"])
+
+
+def test_part_setting_defaults_and_errors() -> None:
+    assert load_settings([]).part == "guidance"
+    assert load_settings(["scale=tiny"]).part == "guidance"  # inherited from cpu.yaml
+    assert load_settings(["scale=imagenet", "part=all"]).part == "all"
+    with pytest.raises(
+        SystemExit, match="unknown part 'tabel2'; choose one of: guidance, table2, all"
+    ):
+        load_settings(["part=tabel2"])
+    with pytest.raises(ValueError, match="unknown part None; choose one of: guidance, table2"):
+        check_part(OmegaConf.create({"scale": "cpu"}))
+
+
+def test_run_dispatches_on_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    """table2 runs the table-2 stages, guidance the guidance package, all both (guidance first)."""
+    import attncam.stages.reproduce as reproduce
+
+    calls: list[str] = []
+    guidance = ModuleType("attncam.stages.reproduce.guidance")
+    guidance.run = lambda s, command: calls.append(f"guidance {command}") or {"report": "g"}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, guidance.__name__, guidance)
+    monkeypatch.setattr(
+        reproduce,
+        "run_table2",
+        lambda s, command: calls.append(f"table2 {command}") or {"report": "t"},
+    )
+    for part, expected in (("table2", ["table2 c"]), ("guidance", ["guidance c"]),
+                           ("all", ["guidance c", "table2 c"])):  # fmt: skip
+        calls.clear()
+        out = reproduce.run(load_settings([f"part={part}"]), "c")
+        assert calls == expected and out["part"] == part, part
+    assert out == {"part": "all", "guidance": {"report": "g"}, "table2": {"report": "t"}}
+    with pytest.raises(ValueError, match="unknown part 'both'"):
+        reproduce.run(OmegaConf.create({"part": "both"}), "c")
 
 
 def _write_per_image(run_dir: Path, methods: dict[str, dict[str, dict[int, float]]]) -> None:
@@ -136,6 +294,7 @@ def test_significance_rows() -> None:
     rows = significance(values, [("a", "b")], ["average_drop", "pointing_game"], s)
     ad, pg = rows
     assert ad["paired"] and ad["n"] == 7 and ad["diff"] == pytest.approx(-10.0)
+    assert ad["mde"] == 0.0  # every paired difference is -10: no spread
     assert ad["significant"] and ad["a_better"] is True  # lower Average Drop is better
     assert ad["p_holm"] == pytest.approx(min(1.0, ad["p"]))  # one paired test in the family
     assert not pg["paired"] and "too few images in common (1" in pg["reason"]

@@ -36,6 +36,7 @@ from attncam.explain import Explainer
 from attncam.explain.naming import slug
 from attncam.io import write_bytes_with, write_text_atomic
 from attncam.metrics import Perturber, SanityCheck, summarize
+from attncam.metrics.compare import minimum_detectable_effect
 from attncam.metrics.protocol import EvalProtocol
 from attncam.metrics.sanity import block_layers, cascading_randomization
 from attncam.metrics.stats import DEFAULT_CONFIDENCE, holm, paired_bootstrap
@@ -90,7 +91,7 @@ def copy_file(src: Path, dst: Path) -> Path:
 class Timer:
     """Wall time per stage, kept for the manifest and the report.
 
-    Stage times are saved in ``path`` (``work_dir/timings.json``) as each stage ends, so a
+    Stage times are saved in ``path`` (``<work_dir>/table2/timings.json``) as each stage ends, so a
     ``reuse=true`` run reports the time the reused stages took when they ran.
     """
 
@@ -598,13 +599,15 @@ def paired_values(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[Tenso
 def _compare(
     a: Mapping[int, float], b: Mapping[int, float], metric: str, sig: DictConfig, seed: int
 ) -> dict[str, Any]:
-    """One paired test ``a - b`` on the images in common (at least 2), with its verdict."""
+    """One paired test ``a - b`` on the images in common (at least 2), with its verdict and the
+    minimum detectable effect (two-sided, 5%, 80% power) of its per-image differences."""
     va, vb = paired_values(a, b)
     if va.numel() < 2:
         reason = f"too few images in common ({va.numel()}; {len(a)} vs {len(b)})"
         return {"paired": False, "reason": reason}
     row: dict[str, Any] = {"paired": True}
     row.update(paired_bootstrap(va, vb, int(sig.num_resamples), float(sig.confidence), seed))
+    row["mde"] = minimum_detectable_effect((va - vb).numpy())
     row["significant"] = bool(row["low"] > 0 or row["high"] < 0)
     better = row["diff"] < 0 if metric in LOWER_BETTER else row["diff"] > 0
     row["a_better"] = bool(better) if row["significant"] else None

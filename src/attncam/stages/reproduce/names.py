@@ -46,6 +46,18 @@ SCACAM_METHODS: tuple[str, ...] = (
     "scacam",
     "scacam[channel_weight=fc]",
 )
+#: Metrics that locate or rank the map's pixels (pointing games, deletion / insertion, ROAD,
+#: Percentage-in): on a coarse CAM grid they measure the grid more than the method.
+GRID_BOUND_METRICS = frozenset(
+    {"pointing_game", "energy_pointing_game", "deletion", "insertion", "morf", "lerf",
+     "lerf_minus_morf"}
+)  # fmt: skip
+GRID_BOUND_PREFIXES: tuple[str, ...] = ("percentage_in@",)
+
+
+def is_grid_bound(metric: str) -> bool:
+    """Whether ``metric`` depends on where in the image the map puts its mass, cell by cell."""
+    return metric in GRID_BOUND_METRICS or metric.startswith(GRID_BOUND_PREFIXES)
 
 
 def is_paired_metric(key: str) -> bool:
@@ -57,6 +69,7 @@ __all__ = [
     "AG",
     "AG_VARIANTS",
     "BEYOND_METRICS",
+    "GRID_BOUND_METRICS",
     "LOWER_BETTER",
     "PAIRED_METRICS",
     "PAPER_BASELINES",
@@ -65,5 +78,6 @@ __all__ = [
     "SCACAM_METHODS",
     "TORCHCAM",
     "TORCHCAM_COMPARISON",
+    "is_grid_bound",
     "is_paired_metric",
 ]

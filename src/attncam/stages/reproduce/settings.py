@@ -24,6 +24,10 @@ CONF = ROOT / "conf"
 #: Files in ``conf/reproduce`` that are not a scale.
 NOT_A_SCALE = frozenset({"paper"})
 
+#: The parts of the reproduction (setting ``part``): the primary experiment, the paper's table-2
+#: analogue, or both (guidance first).
+PARTS: tuple[str, ...] = ("guidance", "table2", "all")
+
 
 def scales(conf_dir: Path = CONF) -> list[str]:
     """The scales in ``conf_dir/reproduce`` (``cpu``, ``imagenet``, ``tiny``, ...), sorted."""
@@ -43,8 +47,8 @@ def load_settings(argv: Sequence[str], conf_dir: Path = CONF) -> DictConfig:
         The merged settings.
 
     Raises:
-        SystemExit: the scale has no file (the message lists the valid scales), or there is no
-            ``conf_dir/reproduce`` (not a checkout).
+        SystemExit: the scale has no file (the message lists the valid scales), ``part`` is not
+            one of :data:`PARTS`, or there is no ``conf_dir/reproduce`` (not a checkout).
     """
     if not (conf_dir / "reproduce").is_dir():
         raise SystemExit(f"no {conf_dir / 'reproduce'}: run from a checkout of attncam")
@@ -63,7 +67,23 @@ def load_settings(argv: Sequence[str], conf_dir: Path = CONF) -> DictConfig:
         cfg, OmegaConf.from_dotlist([a for a in dots if not a.startswith("scale=")])
     )
     assert isinstance(cfg, DictConfig)
+    try:
+        check_part(cfg)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     return cfg
+
+
+def check_part(s: DictConfig) -> str:
+    """The settings' ``part`` (``guidance``, ``table2`` or ``all``).
+
+    Raises:
+        ValueError: ``part`` is missing or not one of :data:`PARTS` (the message names both).
+    """
+    part = s.get("part")
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; choose one of: {', '.join(PARTS)}")
+    return str(part)
 
 
 def load_paper(conf_dir: Path = CONF) -> dict[str, Any]:
@@ -78,6 +98,11 @@ def load_paper(conf_dir: Path = CONF) -> dict[str, Any]:
 def resolve_dir(path: str, root: Path = ROOT) -> Path:
     """``path`` itself when absolute, else relative to the checkout."""
     return Path(path) if Path(path).is_absolute() else root / path
+
+
+def table2_work_dir(s: DictConfig) -> Path:
+    """The stage folders of the table-2 part: ``<work_dir>/table2`` (train/, explain/, timings)."""
+    return resolve_dir(str(s.work_dir)) / "table2"
 
 
 def compose_cfg(name: str, overrides: list[str], conf_dir: Path = CONF) -> DictConfig:
@@ -113,11 +138,12 @@ def explain_overrides(s: DictConfig, ckpt: Path, metrics: Sequence[str]) -> list
     """The ``explain.py`` overrides of one explain run (methods are set on the config).
 
     The run keeps its maps (``maps.npz``, re-scored by the Percentage-in variants) and its
-    per-image metric values (``per_image.json``, paired by the significance tests).
+    per-image metric values (``per_image.json``, paired by the significance tests); ``limit=N``
+    explains a class-stratified subset drawn with the reproduction's ``seed``.
     """
     e = s.explain
     ov = [f"ckpt={ckpt}", "method=paper", "metrics=default", "logger=none", "save_maps=true"]
-    ov += ["save_per_image=true"]
+    ov += ["save_per_image=true", f"seed={s.seed}"]
     ov += [f"limit={e.limit if e.limit is not None else 'null'}", f"batch_size={e.batch_size}"]
     ov += [f"figure_rows={e.figure_rows}", f"metrics.num_resamples={e.num_resamples}"]
     ov += [
@@ -140,29 +166,28 @@ def _quote(arg: str) -> str:
     return shlex.quote(arg)
 
 
-def scale_commands(s: DictConfig) -> list[str]:
-    """The ``train.py`` and ``explain.py`` command lines ``scripts/reproduce.py`` runs at ``s``.
+def grad_cam_anchors(paper: dict[str, Any] | None = None) -> list[str]:
+    """Comment lines: An & Joe's Grad-CAM row, which an ImageNet run should land near."""
+    an = (paper or load_paper())["an_joe"]
+    i = an["methods"].index("gradcam")
+    return [
+        f"# Expected Grad-CAM anchors (An & Joe 2022, ImageNet; conf/reproduce/paper.yaml): "
+        f"Average Drop {an['average_drop'][i]:.2f}, Increase in Confidence "
+        f"{an['increase_in_confidence'][i]:.2f}.",
+        "# A Grad-CAM row far from them means the protocol differs (weights, images, "
+        "preprocessing, score or masking), not that another method is better.",
+    ]
 
-    Built from the same overrides the in-process stages compose (``train_overrides``,
-    ``explain_overrides``), so they match the scale asked for. Stages with no CLI (the
-    Percentage-in variants, the CAW ratio, the sanity figures, the report) are named in a closing
-    comment.
 
-    Args:
-        s: The reproduction settings (``load_settings``).
-
-    Returns:
-        Lines: ``#`` comments and one command per line.
-    """
-    work = Path(str(s.work_dir))
-    out = [f"# scale={s.scale}: the commands of scripts/reproduce.py scale={s.scale}",
-           "# 1. Fine-tune every family with and without attention:"]  # fmt: skip
-    for family in s.train.families:
-        for att in s.train.attentions:
-            ov = [*train_overrides(s, family, att), f"hydra.run.dir={work}/train/{family}_{att}"]
-            out.append("python train.py " + " ".join(_quote(o) for o in ov))
-    out.append("# 2. Explain each attention checkpoint (the paper's methods and metrics):")
+def _explain_lines(s: DictConfig, work: Path) -> list[str]:
+    """Step 2 of :func:`scale_commands`: one ``explain.py`` line per CBAM checkpoint."""
     e = s.explain
+    subset = "every image" if e.limit is None else (
+        f"a class-stratified subset of {e.limit} images drawn with seed={s.seed} (limit=N draws it)"
+    )  # fmt: skip
+    out = [f"# 2. Explain each attention checkpoint on {subset}: the paper's methods and metrics."]
+    if e.get("data") == "imagenet":
+        out += grad_cam_anchors()
     for family in [f for f in s.train.families if "cbam" in s.train.attentions]:
         beyond = family == e.get("beyond_family")
         ckpt = work / "train" / f"{family}_cbam" / "checkpoints" / "best.ckpt"
@@ -173,24 +198,55 @@ def scale_commands(s: DictConfig) -> list[str]:
             ov = [f"method=[{methods}]" if o == "method=paper" else o for o in ov]
         ov.append(f"hydra.run.dir={work}/explain/{family}_cbam")
         out.append("python explain.py " + " ".join(_quote(o) for o in ov))
+    return out
+
+
+def scale_commands(s: DictConfig) -> list[str]:
+    """The ``train.py`` and ``explain.py`` command lines of the table-2 part at ``s``.
+
+    Built from the same overrides the in-process stages compose (``train_overrides``,
+    ``explain_overrides``), so they match the scale asked for. On ImageNet the expected Grad-CAM
+    anchors (:func:`grad_cam_anchors`) are written beside the explain commands. Stages with no
+    CLI (the Percentage-in variants, the CAW ratio, the sanity figures, the report) are named in
+    a closing comment.
+
+    Args:
+        s: The reproduction settings (``load_settings``).
+
+    Returns:
+        Lines: ``#`` comments and one command per line.
+    """
+    work = Path(str(s.work_dir)) / "table2"
+    run = f"scripts/reproduce.py scale={s.scale} part=table2"
+    out = [f"# scale={s.scale} part=table2: the commands of {run}",
+           "# 1. Fine-tune every family with and without attention:"]  # fmt: skip
+    for family in s.train.families:
+        for att in s.train.attentions:
+            ov = [*train_overrides(s, family, att), f"hydra.run.dir={work}/train/{family}_{att}"]
+            out.append("python train.py " + " ".join(_quote(o) for o in ov))
+    out += _explain_lines(s, work)
     out += [
         "# 3. The Percentage-in variants, SCA-CAM's scacam_fc row and CAW ratio, the sanity",
         "#    check and the report in one go (reuse=true picks up finished stages):",
-        f"python scripts/reproduce.py scale={s.scale} reuse=true",
+        f"python {run} reuse=true",
     ]
     return out
 
 
 __all__ = [
     "CONF",
+    "PARTS",
     "ROOT",
+    "check_part",
     "compose_cfg",
     "data_overrides",
     "explain_overrides",
+    "grad_cam_anchors",
     "load_paper",
     "load_settings",
     "resolve_dir",
     "scale_commands",
     "scales",
+    "table2_work_dir",
     "train_overrides",
 ]
