@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Reproduce the three papers' results and write ``docs/REPRODUCTION.md``.
+"""Reproduce the three papers' results and write the reports.
 
-    python scripts/reproduce.py scale=cpu|tiny|imagenet [key=value ...] [reuse=true]
-    python scripts/reproduce.py scale=cpu --print-commands   # that scale's train.py/explain.py calls
+    python scripts/reproduce.py scale=cpu|tiny|imagenet [part=guidance|table2|all] [key=value ...]
+    python scripts/reproduce.py scale=cpu --print-commands   # the table-2 part's train/explain calls
+
+``part=guidance`` (the default) writes ``docs/REPRODUCTION.md``, the primary experiment;
+``part=table2`` writes ``docs/REPRODUCTION_TABLE2.md``, the paper's table-2 analogue; ``all`` both.
 
 A thin entry point: the stages, the report and the settings are in ``attncam.stages.reproduce``
 (settings in ``conf/reproduce/<scale>.yaml``, published numbers in ``conf/reproduce/paper.yaml``).
