@@ -97,14 +97,34 @@ def test_control_row_only_where_the_tensor_is_not_the_gated_cam_layer() -> None:
     assert control_specs(Explainer(last, specs), specs, (64, 64)) == []
     blocks = AttentionNet("resnet18", 4, attention="cbam", placement="blocks")
     controls = control_specs(Explainer(blocks, specs), specs, (64, 64))
-    assert controls == [("gradcam", {"layer": "features.layer4.1.attention"})]
-    # The control is Grad-CAM on exactly the tensor attention_guided (cbam_output) explains.
+    site = "features.layer4.1.attention"
+    assert controls == [("gradcam", {"layer": f"{site}:input"})]
+    # The control is Grad-CAM on the CBAM's input F: the default variant explains its output F''
+    # (Grad-CAM on F'' would be the default variant itself, map for map: no control).
     x = torch.rand(2, 3, 64, 64)
-    maps = Explainer(blocks, [*specs, *controls])(x)
-    assert torch.allclose(
-        maps["attention_guided"], maps["gradcam[layer=features.layer4.1.attention]"]
-    )
-    assert not torch.allclose(maps["attention_guided"], maps["gradcam"])
+    on_output = [("gradcam", {"layer": site})]
+    maps = Explainer(blocks, [*specs, *controls, *on_output])(x)
+    assert torch.allclose(maps["attention_guided"], maps[f"gradcam[layer={site}]"])
+    # Identity: Grad-CAM on F weighs channels by mean(M_c M_s g''), the default variant maps
+    # M_c M_s F with weights mean(g''); with a uniform spatial gate (gamma = 0 at initialisation,
+    # as in the official CBAM code) the two are the same map.
+    torch.testing.assert_close(maps["attention_guided"], maps[f"gradcam[layer={site}:input]"])
+    with torch.no_grad():
+        for m in blocks.modules():
+            if hasattr(m, "spatial_gate") and m.spatial_gate is not None:
+                m.spatial_gate.bn.weight.fill_(1.0)
+    x = torch.rand(2, 3, 128, 128)  # a 4x4 grid at layer4
+    explainer = Explainer(blocks, [*specs, *controls])
+    gaps = {"attention_guided": 0.0, "gradcam": 0.0}
+    for target in range(4):  # a random network's map can be all zero for one class
+        maps = explainer(x, torch.full((2,), target))
+        control = maps[f"gradcam[layer={site}:input]"]
+        for name in gaps:
+            gaps[name] = max(gaps[name], float((maps[name] - control).abs().max()))
+    assert min(gaps.values()) > 0.05
+    # spatial_product weights that same tensor: its control is the same row, not a second one
+    sp = [*specs, ("attention_guided", {"variant": "spatial_product"})]
+    assert control_specs(Explainer(blocks, sp), sp, (64, 64)) == controls
 
 
 def test_layer_report_gives_sizes_and_flags_small_grids(caplog: object) -> None:

@@ -214,3 +214,13 @@ def test_arms_need_one_primary_and_known_keys() -> None:
     g = OmegaConf.create({"arms": {"a": {"role": "primary", "gamma": 1.0, "seeds": [0, 1]}}})
     (arm,) = arms(g)
     assert arm.gamma == 1.0 and arm.extra["seeds"] == [0, 1]
+
+
+def test_an_arm_without_seeds_is_left_out_but_the_primary_needs_one() -> None:
+    g = OmegaConf.create(
+        {"arms": {"p": {"role": "primary", "seeds": [0]}, "r": {"role": "recipe", "seeds": []}}}
+    )
+    assert [a.name for a in arms(g)] == ["p"]
+    g = OmegaConf.create({"arms": {"p": {"role": "primary", "seeds": []}}})
+    with pytest.raises(ValueError, match="needs at least one seed"):
+        arms(g)

@@ -127,7 +127,10 @@ def test_cam_geometry_from_the_model_code() -> None:
     assert not same_tensor(res, "attention_guided")
     assert not same_tensor(res, "attention_guided[spatial_product]")
     assert same_tensor(res, "attention_guided[multi_stage]")
-    assert control_name(res, "attention_guided") == "gradcam[layer=features.layer4.2.attention]"
+    # the control of both variants: Grad-CAM on the CBAM's input (only the gating differs)
+    control = "gradcam[layer=features.layer4.2.attention:input]"
+    assert control_name(res, "attention_guided") == control
+    assert control_name(res, "attention_guided[spatial_product]") == control
     assert all(same_tensor(grids["googlenet"], v) for v in AG_VARIANTS)  # gates the CAM layer
     last = cam_geometry("resnet50", "last", 224)
     assert last["grid"] == [7, 7] and all(same_tensor(last, v) for v in AG_VARIANTS)

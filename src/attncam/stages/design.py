@@ -64,28 +64,33 @@ def _gates_the_cam_layer(explainer: Explainer, site: str, image_size: tuple[int,
 def control_specs(
     explainer: Explainer, specs: list[Spec], image_size: tuple[int, int]
 ) -> list[Spec]:
-    """Grad-CAM on the tensor of each attention-guided method that is not the gated CAM layer.
+    """Grad-CAM on the attention's input for each attention-guided method not on the CAM layer.
 
     With ``placement=last`` the attention-guided tensor is the CAM layer's output gated by CBAM,
-    so it differs from Grad-CAM's only by the attention. With ``placement=blocks`` on a residual
-    backbone it is the CBAM output on the residual branch, before the identity add, while Grad-CAM
-    explains the block output: a difference would measure the choice of tensor, not attention.
-    Then the control row ``gradcam[layer=<that tensor>]`` (Grad-CAM on exactly that tensor) is
-    added beside it.
+    so it differs from Grad-CAM's only by the attention and the Grad-CAM row is the control. With
+    ``placement=blocks`` on a residual backbone the last CBAM sits on the residual branch, before
+    the identity add, while Grad-CAM explains the block output: a difference would measure the
+    choice of tensor, not attention. Then the control row ``gradcam[layer=<CBAM>:input]`` is added:
+    Grad-CAM on the features entering that CBAM (``F``), which differ from the tensor the default
+    variant explains (its output ``F''``) only by the gating, and are the tensor the
+    ``spatial_product`` variant weights. (Grad-CAM on ``F''`` itself would be no control: it is
+    the ``cbam_output`` variant, map for map.)
     """
     have = {(k, str(o.get("layer"))) for k, o in specs}
     controls: list[Spec] = []
     for key, layers in explainer.target_layers().items():
         site = layers[0] if key.startswith("attention_guided") and layers else None
-        if site is None or site in explainer.layers or ("gradcam", site) in have:
+        if site is None or site in explainer.layers:
             continue
-        if _gates_the_cam_layer(explainer, site, image_size):
+        if not site.endswith(":input") and site.split(".")[-1].startswith("attention"):
+            site = f"{site}:input"
+        if ("gradcam", site) in have or _gates_the_cam_layer(explainer, site, image_size):
             continue
         controls.append(("gradcam", {"layer": site}))
         have.add(("gradcam", site))
         log.info(
-            "%s explains %s, which is not the CAM layer %s gated by attention: adding Grad-CAM "
-            "on the same tensor as a control row", key, site, explainer.layers[0],
+            "%s explains the attention at %s, which does not gate the CAM layer %s: adding "
+            "Grad-CAM on the attention's input as a control row", key, site, explainer.layers[0],
         )  # fmt: skip
     return controls
 

@@ -129,8 +129,8 @@ def _significance_all(
     s: DictConfig, runs: dict[str, dict[str, Any]], cams: dict[str, dict[str, Any]]
 ) -> dict[str, list[dict[str, Any]]]:
     """Per backbone: every method vs the reference, each attention-guided variant vs the other
-    baselines and vs Grad-CAM on its own tensor (the explain stage's control row, when it added
-    one), on every paired per-image metric."""
+    baselines and vs Grad-CAM on its attention's input (the explain stage's control row, when it
+    added one), on every paired per-image metric."""
     sig: dict[str, list[dict[str, Any]]] = {}
     ref = s.significance.reference
     for fam, r in runs.items():

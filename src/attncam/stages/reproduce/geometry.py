@@ -82,8 +82,12 @@ def same_tensor(cam: Mapping[str, Any], variant: str) -> bool:
 
 
 def control_name(cam: Mapping[str, Any], variant: str) -> str:
-    """The result name of Grad-CAM on ``variant``'s own tensor (the explain stage's control)."""
-    return result_name(GRADCAM, {"layer": cam["tensors"][variant]})
+    """The result name of the explain stage's control row for ``variant``: Grad-CAM on the input
+    of the attention module whose tensor the variant explains (``stages.design.control_specs``)."""
+    site = str(cam["tensors"][variant])
+    if not site.endswith(INPUT_SUFFIX) and site.split(".")[-1].startswith("attention"):
+        site += INPUT_SUFFIX
+    return result_name(GRADCAM, {"layer": site})
 
 
 __all__ = [

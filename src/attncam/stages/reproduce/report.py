@@ -654,11 +654,11 @@ def _mde(row: Mapping[str, Any], confidence: float) -> tuple[float, bool]:
 
 
 def _reference(r: ReportInputs, fam: str, variant: str) -> str:
-    """Grad-CAM, or Grad-CAM on the variant's own tensor when that is another tensor, the run has
-    it (the explain stage's control row) and the variant is not Grad-CAM on it by definition
-    (``attention_guided``, ``cbam_output``: Grad-CAM on the CBAM output)."""
+    """Grad-CAM, or, when the variant explains another tensor than the CAM layer and the run has
+    it, the explain stage's control row: Grad-CAM on the input of the variant's attention module
+    (which differs from the default variant's tensor only by the gating)."""
     cam = r.cams[fam]
-    if variant != AG and not same_tensor(cam, variant) and variant in cam["tensors"]:
+    if not same_tensor(cam, variant) and variant in cam["tensors"]:
         control = control_name(cam, variant)
         if control in r.runs[fam]["results"]:
             return control

@@ -220,6 +220,9 @@ def scale_commands(s: DictConfig) -> list[str]:
     run = f"scripts/reproduce.py scale={s.scale} part=table2"
     out = [f"# scale={s.scale} part=table2: the commands of {run}",
            "# 1. Fine-tune every family with and without attention:"]  # fmt: skip
+    if s.get("part") in ("guidance", "all"):
+        out[:0] = [f"# part=guidance runs in one process (trunk features cached, tails trained "
+                   f"per arm and seed): python scripts/reproduce.py scale={s.scale} part=guidance"]  # fmt: skip
     for family in s.train.families:
         for att in s.train.attentions:
             ov = [*train_overrides(s, family, att), f"hydra.run.dir={work}/train/{family}_{att}"]

@@ -32,7 +32,10 @@ Trained = dict[str, dict[int, tuple[AttentionNet, dict[str, Any]]]]
 
 
 def arms(g: DictConfig) -> list[Arm]:
-    """The arms of the settings, in order; exactly one has ``role: primary``."""
+    """The arms of the settings, in order; exactly one has ``role: primary``.
+
+    An arm with ``seeds: []`` is left out (a smaller run, e.g. ``scale=tiny``).
+    """
     out = [Arm.from_config(str(name), opts) for name, opts in g.arms.items()]
     roles = {"primary", "control", "recipe", "sanity"}
     bad = [a.name for a in out if a.extra.get("role") not in roles]
@@ -41,7 +44,9 @@ def arms(g: DictConfig) -> list[Arm]:
     primary = [a.name for a in out if a.extra["role"] == "primary"]
     if len(primary) != 1:
         raise ValueError(f"guidance.arms needs exactly one arm with role: primary; got {primary}")
-    return out
+    if not out[[a.name for a in out].index(primary[0])].extra.get("seeds", [0]):
+        raise ValueError(f"guidance.arms.{primary[0]} (the primary arm) needs at least one seed")
+    return [a for a in out if a.extra.get("seeds", [0])]
 
 
 def trunk_sites(all_arms: list[Arm], net: AttentionNet) -> list[str]:

@@ -207,10 +207,18 @@ def verdict_section(results: Mapping[str, Any], manifest: Mapping[str, Any]) -> 
     ])  # fmt: skip
 
 
-def levels_section(results: Mapping[str, Any], arm: str, title: str) -> str:
+def levels_table(
+    results: Mapping[str, Any],
+    arm: str,
+    metrics: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+) -> str:
+    """Levels of an arm's maps (baselines last) with 95% crossed-bootstrap intervals."""
     lv = results["levels"].get(arm, {})
-    metrics = [k for k in TABLE_METRICS if any(k in v for v in lv.values())]
-    order = sorted(lv, key=lambda n: (n in BASELINE_ROWS, n.startswith("ag_") or "_x_" in n, n))
+    wanted = metrics or TABLE_METRICS
+    metrics = [k for k in wanted if any(k in v for v in lv.values())]
+    keep = [n for n in lv if names is None or n in names]
+    order = sorted(keep, key=lambda n: (n in BASELINE_ROWS, n.startswith("ag_") or "_x_" in n, n))
     rows = []
     for n in order:
         row = [n + (" *(baseline)*" if n in BASELINE_ROWS else "")]
@@ -219,7 +227,15 @@ def levels_section(results: Mapping[str, Any], arm: str, title: str) -> str:
             row.append("-" if v is None else f"{f(v['estimate'])} {ci(v['ci'], 2)}")
         rows.append(row)
     units = [f"{k} ({'lower' if k in BETTER else 'higher'} better)" for k in metrics]
-    return "\n".join([title, "", table(["map", *units], rows)])
+    return table(["map", *units], rows)
+
+
+def levels_section(results: Mapping[str, Any], arm: str, title: str) -> str:
+    return "\n".join([title, "", levels_table(results, arm)])
+
+
+LOCALISATION = ["grid_pointing_game", "pointing_game", "energy_pointing_game", "pixel_auc"]
+ARM_MAPS = ["gradcam", "attention_guided", "attention", *BASELINE_ROWS]
 
 
 def controls_section(results: Mapping[str, Any]) -> str:
@@ -236,6 +252,9 @@ def controls_section(results: Mapping[str, Any]) -> str:
         "networks):",
         "",
         table(["first", "second", "metric", *CMP_HEADER], rows) if rows else "(no control arm)",
+        *[f"\nLevels on the `{arm}` models, with the baselines scored on the same models:\n\n"
+          + levels_table(results, arm, ["average_drop", "deletion", *LOCALISATION], ARM_MAPS)
+          for arm in results["controls"]],
     ])  # fmt: skip
 
 
@@ -257,6 +276,9 @@ def recipes_section(results: Mapping[str, Any], manifest: Mapping[str, Any]) -> 
         "`after:blocks.5` places the CBAM one stage earlier (blocks.6 and the head trained too).",
         "",
         table(["arm", "metric", *CMP_HEADER], rows),
+        *[f"\nLocalisation on the `{arm}` models, with the baselines:\n\n"
+          + levels_table(results, arm, LOCALISATION, ARM_MAPS)
+          for arm in results["recipes"]],
     ])  # fmt: skip
 
 
