@@ -221,8 +221,9 @@ def scale_commands(s: DictConfig) -> list[str]:
     out = [f"# scale={s.scale} part=table2: the commands of {run}",
            "# 1. Fine-tune every family with and without attention:"]  # fmt: skip
     if s.get("part") in ("guidance", "all"):
-        out[:0] = [f"# part=guidance runs in one process (trunk features cached, tails trained "
-                   f"per arm and seed): python scripts/reproduce.py scale={s.scale} part=guidance"]  # fmt: skip
+        out[:0] = [f"# scale={s.scale} part=guidance runs in one process (trunk features cached, "
+                   f"tails trained per arm and seed): python scripts/reproduce.py scale={s.scale} "
+                   "part=guidance"]  # fmt: skip
     for family in s.train.families:
         for att in s.train.attentions:
             ov = [*train_overrides(s, family, att), f"hydra.run.dir={work}/train/{family}_{att}"]

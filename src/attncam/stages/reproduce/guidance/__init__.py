@@ -94,7 +94,7 @@ def run(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
     if s.get("threads"):
         torch.set_num_threads(int(s.threads))
     allocator = tune_allocator()
-    load_before = os.getloadavg()[0]
+    load_before = list(os.getloadavg())
     work, docs = resolve_dir(s.work_dir) / "guidance", resolve_dir(s.docs_dir)
     tables, figures = docs / "reproduction" / "guidance", docs / "figures"
     for p in (work, tables, figures):
@@ -106,7 +106,7 @@ def run(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
         "command": command, "scale": s.scale, "part": "guidance", "git_commit": commit,
         "git_dirty": dirty, "written": time.strftime("%Y-%m-%d %H:%M"),
         "wall_seconds": timer.total, "stages_seconds": timer.stages, "reuse": bool(s.reuse),
-        "load_average": {"before": load_before, "after": os.getloadavg()[0]},
+        "load_average": {"before": load_before, "after": list(os.getloadavg())},
         "host": platform.node(), "host_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "allocator": allocator,
         "versions": library_versions(), "design": out["design"], "figures": out["figures"],

@@ -53,6 +53,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _load(values: Sequence[float] | None) -> str:
+    return "-" if not values else " / ".join(f"{v:.2f}" for v in values)
+
+
 def header(results: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
     load = manifest.get("load_average", {})
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in manifest.get("stages_seconds", {}).items())
@@ -63,7 +67,7 @@ def header(results: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
         f"Written by `{manifest.get('command')}` at commit `{manifest.get('git_commit')}`{dirty} "
         f"on {manifest.get('written')}, {manifest.get('host_cpus')} CPU cores, "
         f"{manifest.get('wall_seconds', 0) / 60:.1f} min wall ({stages}). Load average "
-        f"(1 min) before {f(load.get('before'), 2)}, after {f(load.get('after'), 2)}. "
+        f"(1 / 5 / 15 min) before {_load(load.get('before'))}, after {_load(load.get('after'))}. "
         "Every number below is read from `docs/reproduction/guidance/results.json`; this file is "
         "rendered from it (`attncam.stages.reproduce.guidance.report`).",
         "",

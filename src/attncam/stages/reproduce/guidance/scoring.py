@@ -88,12 +88,18 @@ def foreign_gate(net: nn.Module, gates: Tensor) -> Iterator[dict[str, Tensor]]:
         handle.remove()
 
 
+def with_controls(arm: Arm) -> bool:
+    """Whether the arm's maps include ``M_s`` and the derived controls (not for control arms,
+    whose own maps are the control: Grad-CAM and attention-guided only)."""
+    return arm.has_attention and arm.extra.get("role") != "control"
+
+
 def method_specs(arm: Arm, net: nn.Module, paper: bool) -> tuple[str, list[Any]]:
     """``(Grad-CAM's layer, method specs)`` of an arm: at the attention's input when it has one."""
     layer = cache_site(arm, net)  # type: ignore[arg-type]
     specs: list[Any] = ["gradcam"]
     if arm.has_attention:
-        specs += ["attention_guided", "attention"]
+        specs += ["attention_guided", *(["attention"] if with_controls(arm) else [])]
     if paper:
         specs += PAPER_SPECS
     return layer, specs
@@ -198,11 +204,11 @@ def score_test(
     explainer = Explainer(net, specs, layer=layer)
     grid = _grid_shape(explainer, data.config.image_size)
     shuffled = None
-    gates = raw_gates(net, data.test.images, int(g.batch_size)) if arm.has_attention else None
+    gates = raw_gates(net, data.test.images, int(g.batch_size)) if with_controls(arm) else None
     if gates is not None:
         perm = derangement(gates.shape[0], seed)
         shuffled = (Explainer(net, ["attention_guided"], layer=layer), gates[perm])
-    names = [*explainer.names, *([SHUFFLED, CENTRED] if arm.has_attention else [])]
+    names = [*explainer.names, *([SHUFFLED, CENTRED] if gates is not None else [])]
     suite = MetricSuite.from_config(suite_config(g.metrics, temp, enabled), names, list(BASELINES))
     suite.bind(net)
     auc: dict[str, dict[int, float]] = {}
@@ -240,11 +246,11 @@ def score_grids(
     cfg = grid_suite_config(suite_config(g.metrics, temp))
     gs = data.grids
     shuffled = None
-    if arm.has_attention:
+    if with_controls(arm):
         gates = raw_gates(net, gs.images, int(g.batch_size))
         other = gates[derangement(gates.shape[0], seed)]
         shuffled = (Explainer(net, ["attention_guided"], layer=layer), other)
-    names = [*explainer.names, *([SHUFFLED, CENTRED] if arm.has_attention else [])]
+    names = [*explainer.names, *([SHUFFLED, CENTRED] if shuffled is not None else [])]
     suite = MetricSuite.from_config(cfg, names, list(BASELINES))
     suite.bind(net)
     for ids in _batches(len(gs) * 4, int(g.batch_size)):
@@ -265,5 +271,5 @@ def merge_grid(test: dict[str, Any], grids: Mapping[str, Mapping[int, float]]) -
 
 
 __all__ = ["PAPER_SPECS", "derangement", "foreign_gate", "gate_contrast", "merge_grid",
-           "method_specs", "pixel_auc", "raw_gates", "score_grids", "score_test",
+           "method_specs", "pixel_auc", "with_controls", "raw_gates", "score_grids", "score_test",
            "suite_config", "temperature"]  # fmt: skip
