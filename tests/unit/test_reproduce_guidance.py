@@ -224,3 +224,18 @@ def test_an_arm_without_seeds_is_left_out_but_the_primary_needs_one() -> None:
     g = OmegaConf.create({"arms": {"p": {"role": "primary", "seeds": []}}})
     with pytest.raises(ValueError, match="needs at least one seed"):
         arms(g)
+
+
+# --------------------------------------------------------------------------- the committed run
+
+
+def test_committed_report_rerenders_from_its_json() -> None:
+    """docs/REPRODUCTION.md is a pure function of the committed results.json and manifest.json."""
+    from pathlib import Path
+
+    from attncam.stages.reproduce.guidance import rerender
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    committed = (docs / "REPRODUCTION.md").read_text()
+    assert rerender(docs / "reproduction" / "guidance") == committed
+    assert committed.index("## 1. Pre-registration") < committed.index("## 4. Verdict")

@@ -7,9 +7,11 @@ committed report and finds no difference.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from attncam.stages.reproduce.guidance.heads import ARM_DEFAULTS
 from attncam.stages.reproduce.guidance.results import TABLE_METRICS
 
 UNITS = {"average_drop": "pts", "increase_in_confidence": "pts", "grid_pointing_game": "pts",
@@ -32,6 +34,11 @@ MEANING = {
     "either; the per-endpoint rows say which way the evidence leans and how large an effect the "
     "run could have detected.",
 }
+
+
+def _nanmean(xs: Sequence[float]) -> float | None:
+    finite = [x for x in xs if math.isfinite(x)]
+    return sum(finite) / len(finite) if finite else None
 
 
 def f(x: Any, nd: int = 3) -> str:
@@ -112,13 +119,18 @@ def design(results: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
         accs = ", ".join(f"{r['test_accuracy']:.1f}" + ("" if str(s) in kept else " (excluded)")
                          for s, r in recs.items())  # fmt: skip
         opts = manifest.get("arms", {}).get(arm, {})
-        recipe = ", ".join(f"{k}={v}" for k, v in opts.items() if k not in ("name", "extra"))
+        recipe = (
+            ", ".join(
+                f"{k}={v}" for k, v in opts.items() if k in ARM_DEFAULTS and v != ARM_DEFAULTS[k]
+            )
+            or "official CBAM"
+        )
         rows.append([arm, opts.get("extra", {}).get("role", "-"), recipe, len(recs), accs])
     return "\n".join([
         "## 2. Design",
         "",
         f"- Network: the ImageNet `{d.get('backbone')}` (bundled weights), frozen, at "
-        f"{d.get('image_size')} px; CAM grid {d.get('grid')} at `{d.get('layer')}`. One CBAM "
+        f"{d.get('image_size')} px; CAM grid {'x'.join(str(v) for v in d.get('grid', []))} at `{d.get('layer')}`. One CBAM "
         "after the last stage (`placement=last`): Grad-CAM explains the CBAM's input F, "
         "attention-guided Grad-CAM (`cbam_output`) its output F'', so the two differ only by the "
         "gating. The trunk is frozen and each arm's tail (attention and classifier; for "
@@ -134,7 +146,8 @@ def design(results: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
         f"- Arms and test top-1 (%) per seed; a seed below {d.get('min_accuracy')}% enters no "
         "verdict:",
         "",
-        table(["arm", "role", "recipe", "seeds", "test top-1 per seed"], rows),
+        table(["arm", "role", "recipe (vs the official CBAM defaults)", "seeds",
+               "test top-1 per seed"], rows),
     ])  # fmt: skip
 
 
@@ -165,7 +178,9 @@ def testability_section(results: Mapping[str, Any]) -> str:
         "M_s alone (the learned spatial gate, upsampled) against a centred Gaussian that knows "
         "nothing of the image, on the primary arm's included seeds:",
         "",
-        table(["measure", *CMP_HEADER], _cmp_rows(t["comparisons"])),
+        table(["measure", *CMP_HEADER], _cmp_rows([
+            {**c, "verdict": "beats the centre prior" if c.get("ci", [0])[0] > 0 else
+             "does not beat it"} for c in t["comparisons"]])),  # fmt: skip
         "",
         f"Gate on-object contrast (mean M_s on cells the object covers >= 25% over mean M_s on "
         f"empty cells; 1 = no contrast), geometric mean over images and seeds: "
@@ -178,6 +193,40 @@ def testability_section(results: Mapping[str, Any]) -> str:
          "completeness and must not be read as evidence either way."),
     ]  # fmt: skip
     return "\n".join(lines)
+
+
+READING = {
+    "beats": "attention-guided is better than Grad-CAM by more than the SESOI",
+    "worse": "attention-guided is worse than Grad-CAM by more than the SESOI",
+    "equivalent": "equivalent: the 90% interval lies inside +-SESOI",
+    "inconclusive": "neither shown better or worse by more than the SESOI nor equivalent",
+}
+
+
+def _reading(c: Mapping[str, Any]) -> str:
+    text = READING[c["verdict"]]
+    if c["verdict"] == "inconclusive" and (c["ci"][1] < 0 or c["ci"][0] > 0):
+        side = "worse" if c["ci"][1] < 0 else "better"
+        text = (f"attention-guided is {side} than Grad-CAM (the interval excludes 0) but not shown "
+                "to differ by more than the SESOI")  # fmt: skip
+    return text
+
+
+def readings(prim: Mapping[str, Any]) -> list[str]:
+    """One plain sentence per primary endpoint, built from its numbers."""
+    lines = []
+    for c in prim["comparisons"]:
+        if c.get("missing"):
+            lines.append(f"- {c['metric']}: too few paired values to compare.")
+            continue
+        ctrl = {x["b"]: x for x in prim["controls"].get(c["metric"], []) if not x.get("missing")}
+        vs = "; ".join(f"against {b}: {f(x['estimate'])} {ci(x['ci'])}" for b, x in ctrl.items())
+        lines.append(
+            f"- **{c['metric']}**: {f(c['estimate'])} {ci(c['ci'])}, {c['seeds_a_better']} of "
+            f"{c['n_seeds']} seeds favour attention-guided; {_reading(c)} "
+            f"(SESOI {f(c['sesoi'])}, MDE {f(c['mde'])}). Attention-guided {vs}."
+        )
+    return lines
 
 
 def verdict_section(results: Mapping[str, Any], manifest: Mapping[str, Any]) -> str:
@@ -204,6 +253,10 @@ def verdict_section(results: Mapping[str, Any], manifest: Mapping[str, Any]) -> 
         "",
         "MDE: the smallest effect this run could detect with 80% power at the corrected level; "
         "an effect smaller than it being absent is not shown by a non-significant result.",
+        "",
+        "What the rows say (effects > 0 favour attention-guided):",
+        "",
+        *readings(prim),
         "",
         "Attention-guided against the controls on the same endpoints:",
         "",
@@ -303,7 +356,8 @@ def sanity_section(results: Mapping[str, Any]) -> str:
                         ]
                     )
     dr = s.get("data_randomisation") or {}
-    dr_rows = [[n, f(sum(v["spearman"]) / len(v["spearman"])), f(sum(v["ssim"]) / len(v["ssim"]))]
+    dr_rows = [[n, f(_nanmean(v["spearman"])), f(_nanmean(v["ssim"])),
+                sum(1 for x in v["spearman"] if not math.isfinite(x))]
                for n, v in dr.items() if isinstance(v, dict)]  # fmt: skip
     return "\n".join([
         "## 9. Sanity checks (Adebayo et al. 2018), primary arm, seed 0",
@@ -318,7 +372,8 @@ def sanity_section(results: Mapping[str, Any]) -> str:
         f"{f(dr.get('test_accuracy'), 1)}%); mean Spearman and SSIM between its maps and the "
         "trained model's, same images and classes:",
         "",
-        table(["method", "Spearman", "SSIM"], dr_rows) if dr_rows else "(not run)",
+        table(["method", "Spearman", "SSIM", "constant maps (no rank correlation)"], dr_rows)
+        if dr_rows else "(not run)",
     ])  # fmt: skip
 
 
