@@ -10,12 +10,10 @@ writes ``docs/REPRODUCTION.md`` from ``docs/reproduction/guidance/results.json``
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +21,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from attncam.io import write_bytes_with, write_text_atomic
+from attncam.io import write_text_atomic
 from attncam.models.net import AttentionNet
 from attncam.runtime import library_versions, tune_allocator
+from attncam.stages.design import git_state
 from attncam.stages.reproduce.experiments import Timer, write_table
 from attncam.stages.reproduce.guidance import experiment as E
 from attncam.stages.reproduce.guidance.data import cached_features, load_data
@@ -35,18 +34,6 @@ from attncam.stages.reproduce.guidance.results import analyse
 from attncam.stages.reproduce.settings import ROOT, resolve_dir
 
 log = logging.getLogger(__name__)
-
-
-def git_state(root: Path = ROOT) -> tuple[str | None, bool | None]:
-    """``(commit, dirty)`` of the checkout, ``(None, None)`` outside git."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=root, capture_output=True, text=True, check=True).stdout  # fmt: skip
-        return head, bool(status.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return None, None
 
 
 def _design(g: DictConfig, scores: dict[str, Any], primary: str) -> dict[str, Any]:
@@ -101,10 +88,10 @@ def run(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
         p.mkdir(parents=True, exist_ok=True)
     timer = Timer(work / "timings.json", bool(s.reuse))
     out = _stages(g, s, work, figures, timer)
-    commit, dirty = git_state()
+    git = git_state(ROOT)
     manifest = {
-        "command": command, "scale": s.scale, "part": "guidance", "git_commit": commit,
-        "git_dirty": dirty, "written": time.strftime("%Y-%m-%d %H:%M"),
+        "command": command, "scale": s.scale, "part": "guidance", "git_commit": git["commit"],
+        "git_dirty": git["dirty"], "written": time.strftime("%Y-%m-%d %H:%M"),
         "wall_seconds": timer.total, "stages_seconds": timer.stages, "reuse": bool(s.reuse),
         "load_average": {"before": load_before, "after": list(os.getloadavg())},
         "host": platform.node(), "host_cpus": os.cpu_count(),
@@ -115,8 +102,7 @@ def run(s: DictConfig, command: str = "reproduce.py") -> dict[str, Any]:
     }  # fmt: skip
     write_table(tables / "results.json", out["results"])
     write_table(tables / "manifest.json", manifest)
-    blob = gzip.compress(json.dumps(out["scores"]).encode(), mtime=0)
-    write_bytes_with(tables / "per_image.json.gz", lambda fh: fh.write(blob))
+    E.write_json_gz(tables / "per_image.json.gz", out["scores"])
     report = docs / "REPRODUCTION.md"
     write_text_atomic(report, rerender(tables))
     log.info("report written to %s in %.0f s", report, timer.total)

@@ -25,7 +25,7 @@ from attncam.data.synthetic import (
 )
 from attncam.explain.hooks import capture
 from attncam.runtime import eval_mode
-from attncam.stages.reproduce.settings import ROOT
+from attncam.stages.reproduce.settings import ROOT, compose_cfg
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +46,16 @@ class Data:
 
 
 def preset(d: DictConfig) -> dict[str, Any]:
-    """The synthetic preset named by ``d.preset`` (``conf/data/<preset>.yaml``) with ``d``'s keys.
-
-    Only the keys that define the pixels are taken (``SyntheticConfig``'s fields).
-    """
-    path = ROOT / "conf" / "data" / f"{d.preset}.yaml"
-    if not path.is_file():
-        have = sorted(p.stem for p in path.parent.glob("synthetic*.yaml"))
+    """The synthetic preset named by ``d.preset`` (``conf/data/<preset>.yaml``, composed by Hydra
+    as ``train.py data=<preset>`` would) with ``d``'s keys; only ``SyntheticConfig``'s fields."""
+    have = sorted(p.stem for p in (ROOT / "conf" / "data").glob("synthetic*.yaml"))
+    if d.preset not in have:
         raise ValueError(f"guidance.data.preset {d.preset!r} not found; choose one of: {have}")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    raw = OmegaConf.to_container(compose_cfg("train", [f"data={d.preset}"]).data, resolve=True)
     assert isinstance(raw, dict)
-    for parent in raw.pop("defaults", []) or []:
-        if isinstance(parent, str) and parent != "_self_":
-            base = OmegaConf.to_container(OmegaConf.load(path.parent / f"{parent}.yaml"))
-            assert isinstance(base, dict)
-            raw = {**base, **raw}
     raw.update({k: v for k, v in OmegaConf.to_container(d, resolve=True).items() if k != "preset"})  # type: ignore[union-attr]
-    fields = SyntheticConfig.__dataclass_fields__
-    out = {k: v for k, v in raw.items() if k in fields}
-    out["object_area"] = tuple(out.get("object_area", (0.06, 0.22)))
+    out = {k: v for k, v in raw.items() if k in SyntheticConfig.__dataclass_fields__}
+    out["object_area"] = tuple(out["object_area"])
     return out
 
 

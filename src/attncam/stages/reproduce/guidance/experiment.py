@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from attncam.explain import Explainer
+from attncam.io import write_bytes_with
 from attncam.metrics import functional as MF
 from attncam.metrics.sanity import block_layers, run_sanity_check
 from attncam.models.net import AttentionNet
@@ -118,16 +119,15 @@ def score_arms(
             log.info("scoring arm %s seed %d (test %.1f%%)", arm.name, seed,
                      record["test_accuracy"])  # fmt: skip
             out[arm.name][seed] = _score_one(arm, seed, net, g, data, feats)
-            _write_scores(path, out[arm.name][seed])
+            write_json_gz(path, out[arm.name][seed])
     return out
 
 
-def _write_scores(path: Path, scores: dict[str, Any]) -> None:
-    from attncam.io import write_bytes_with
-
+def write_json_gz(path: Path, obj: Any) -> None:
+    """``obj`` as gzip-compressed JSON (reproducible bytes: no timestamp), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(scores).encode()
-    write_bytes_with(path, lambda f: f.write(gzip.compress(text, mtime=0)))
+    blob = gzip.compress(json.dumps(obj).encode(), mtime=0)
+    write_bytes_with(path, lambda f: f.write(blob))
 
 
 def _read_scores(path: Path) -> dict[str, Any]:
@@ -198,4 +198,4 @@ def _data_randomisation(
     return out
 
 
-__all__ = ["arms", "sanity", "score_arms", "train_arms", "trunk_sites"]
+__all__ = ["arms", "sanity", "score_arms", "train_arms", "trunk_sites", "write_json_gz"]

@@ -13,13 +13,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from attncam.explain import Explainer  # noqa: E402
-from attncam.explain.methods.base import normalize_maps  # noqa: E402
-from attncam.metrics.baselines import centre_prior, oracle_map  # noqa: E402
+from attncam.metrics.baselines import oracle_map  # noqa: E402
 from attncam.stages.reproduce.guidance.data import Data, as_float  # noqa: E402
 from attncam.stages.reproduce.guidance.heads import Arm  # noqa: E402
 from attncam.stages.reproduce.guidance.scoring import (  # noqa: E402
     derangement,
-    foreign_gate,
+    maps_with_controls,
     method_specs,
     raw_gates,
 )
@@ -30,19 +29,19 @@ COLUMNS = [("gradcam", "Grad-CAM (F)"), ("attention_guided", "attention-guided (
 
 
 def _maps(arm: Arm, net: Any, data: Data, rows: int, seed: int) -> tuple[torch.Tensor, dict]:
+    """The first ``rows`` test images' maps, controls included, as the scoring computes them."""
     layer, specs = method_specs(arm, net, paper=False)
     x = as_float(data.test.images[:rows])
-    exp = Explainer(net, specs, layer=layer).explain(x)
-    maps = dict(exp.maps)
     gates = raw_gates(net, data.test.images, 32)
-    other = gates[derangement(gates.shape[0], seed)]
-    with foreign_gate(net, other) as state:
-        state["ids"] = torch.arange(rows)
-        maps["ag_shuffled_gate"] = Explainer(net, ["attention_guided"], layer=layer)(
-            x, exp.targets)["attention_guided"]  # fmt: skip
-    maps["gradcam_x_centre"] = normalize_maps(maps["gradcam"] * centre_prior(rows, x.shape[-2:]))
-    grid = tuple(gates.shape[-2:])
-    maps["baseline_oracle"] = oracle_map(data.test.masks[:rows], grid)  # type: ignore[arg-type]
+    shuffled = (
+        Explainer(net, ["attention_guided"], layer=layer),
+        gates[derangement(len(gates), seed)],
+    )
+    with torch.no_grad():
+        targets = net(x).argmax(1)
+    maps = maps_with_controls(Explainer(net, specs, layer=layer), net, x, targets,
+                              torch.arange(rows), shuffled)  # fmt: skip
+    maps["baseline_oracle"] = oracle_map(data.test.masks[:rows], tuple(gates.shape[-2:]))  # type: ignore[arg-type]
     return x, {k: v.detach() for k, v in maps.items()}
 
 

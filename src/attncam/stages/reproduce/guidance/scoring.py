@@ -159,7 +159,7 @@ def _batches(n: int, size: int) -> Iterator[Tensor]:
         yield torch.arange(s, min(n, s + size))
 
 
-def _maps(
+def maps_with_controls(
     explainer: Explainer,
     net: nn.Module,
     x: Tensor,
@@ -215,7 +215,7 @@ def score_test(
     for ids in _batches(len(data.test), int(g.batch_size)):
         x, masks = as_float(data.test.images[ids]), data.test.masks[ids]
         base = suite.base_scores(x, data.test.labels[ids])
-        maps = _maps(explainer, net, x, base.targets, ids, shuffled)
+        maps = maps_with_controls(explainer, net, x, base.targets, ids, shuffled)
         maps.update(baseline_maps(list(BASELINES), masks, ids, grid, seed))
         suite.update(x, maps, masks, base, ids, labels=data.test.labels[ids])
         for name, m in maps.items():
@@ -258,7 +258,7 @@ def score_grids(
         x = as_float(gs.images[src])
         masks = gs.segments[src] == cells[:, None, None].to(gs.segments.dtype)
         base = suite.base_scores(x, gs.classes[src, cells])
-        maps = _maps(explainer, net, x, base.targets, src, shuffled)  # gates by grid
+        maps = maps_with_controls(explainer, net, x, base.targets, src, shuffled)  # gates by grid
         maps.update(baseline_maps(list(BASELINES), masks, ids, grid, seed))
         suite.update(x, maps, masks, base, ids, cells=cells)
     return {n: v.get("grid_pointing_game", {}) for n, v in suite.per_image().items()}
@@ -271,5 +271,5 @@ def merge_grid(test: dict[str, Any], grids: Mapping[str, Mapping[int, float]]) -
 
 
 __all__ = ["PAPER_SPECS", "derangement", "foreign_gate", "gate_contrast", "merge_grid",
-           "method_specs", "pixel_auc", "with_controls", "raw_gates", "score_grids", "score_test",
+           "maps_with_controls", "method_specs", "pixel_auc", "with_controls", "raw_gates", "score_grids", "score_test",
            "suite_config", "temperature"]  # fmt: skip
