@@ -685,6 +685,13 @@ def _training(args: argparse.Namespace) -> dict[str, Any] | None:
     return None
 
 
+def _repo_relative(value: Any) -> str:
+    """A path inside the checkout as a path relative to it (no machine layout in the JSON)."""
+    if isinstance(value, Path) and value.resolve().is_relative_to(ROOT):
+        return str(value.resolve().relative_to(ROOT))
+    return str(value)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -740,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     res = {
         "command": "python scripts/bench_bf16.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(), "load_before": load_before,
-        "args": json.loads(json.dumps(vars(args), default=str)),
+        "args": json.loads(json.dumps(vars(args), default=_repo_relative)),
         "steps": int(cfg.metrics.protocol.steps), "resamples": args.resamples, "rule": RULE,
         "models": models, "verdict": {k: r["verdict"] for k, r in models.items()},
         "training": _training(args), "seconds": time.perf_counter() - t0,

@@ -92,6 +92,7 @@ DEFAULT_SESOI: dict[str, float] = {
     "lerf": 0.01,
     "lerf_minus_morf": 0.01,
     "mask_iou": 0.02,
+    "pixel_auc": 0.02,
 }
 
 _MAX_ELEMENTS = 1 << 22  # resampled values held at once (bounds memory for large n)

@@ -11,7 +11,7 @@ minimum detectable effect is ``(z_{1-a/2} + z_{power}) * se`` with the bootstrap
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,22 @@ def diff_matrix(values: Values, a: str, b: str, metric: str) -> tuple[np.ndarray
         for i in va.keys() & vb.keys():
             out[r, col[int(i)]] = sign * (float(va[i]) - float(vb[i]))
     return out, ids
+
+
+def seed_image_matrix(
+    per_seed: Mapping[int, Mapping[int, float | None]],
+    transform: Callable[[float], float] = float,
+) -> np.ndarray:
+    """``(S, N)`` values by seed (sorted) and image id (sorted); NaN where missing or not finite."""
+    seeds = sorted(per_seed)
+    ids = sorted({int(i) for s in seeds for i in per_seed[s]})
+    col = {i: k for k, i in enumerate(ids)}
+    m = np.full((len(seeds), len(ids)), np.nan)
+    for r, s in enumerate(seeds):
+        for i, v in per_seed[s].items():
+            if v is not None and math.isfinite(float(v)):
+                m[r, col[int(i)]] = transform(float(v))
+    return m
 
 
 def _stat(d: np.ndarray) -> float:
@@ -148,13 +164,7 @@ def ratio_summary(
     per_seed: Mapping[int, Mapping[int, float]], resamples: int, seed: int = 0, level: float = 0.95
 ) -> dict[str, Any]:
     """Geometric mean of a per-image ratio (the gate contrast) with a crossed-bootstrap interval."""
-    seeds = sorted(per_seed)
-    ids = sorted({int(i) for s in seeds for i in per_seed[s]})
-    m = np.full((len(seeds), len(ids)), np.nan)
-    for r, s in enumerate(seeds):
-        for i, v in per_seed[s].items():
-            if v is not None and math.isfinite(v) and v > 0:
-                m[r, ids.index(int(i))] = math.log(v)
+    m = seed_image_matrix(per_seed, lambda v: math.log(v) if v > 0 else math.nan)
     if np.isnan(m).all():
         return {"estimate": None, "ci": None, "n_pairs": 0}
     boot = crossed_bootstrap(m, resamples, seed)
@@ -172,19 +182,14 @@ def level(
     values: Values, name: str, metric: str, resamples: int, seed: int = 0, level_: float = 0.95
 ) -> dict[str, Any] | None:
     """Mean of a map's metric over seeds (each seed's image mean), crossed-bootstrap interval."""
-    seeds = sorted(s for s in values if metric in values[s].get(name, {}))
-    if not seeds:
+    per_seed = {s: v[name][metric] for s, v in values.items() if metric in v.get(name, {})}
+    if not per_seed:
         return None
-    ids = sorted({int(i) for s in seeds for i in values[s][name][metric]})
-    col = {i: k for k, i in enumerate(ids)}
-    m = np.full((len(seeds), len(ids)), np.nan)
-    for r, s in enumerate(seeds):
-        for i, v in values[s][name][metric].items():
-            m[r, col[int(i)]] = float(v)
+    m = seed_image_matrix(per_seed)
     if np.isnan(m).all():
         return None
     boot = crossed_bootstrap(m, resamples, seed)
     boot = boot[np.isfinite(boot)]
     lo, hi = np.quantile(boot, [(1 - level_) / 2, (1 + level_) / 2])
-    return {"estimate": _stat(m), "ci": [float(lo), float(hi)], "n_seeds": len(seeds),
+    return {"estimate": _stat(m), "ci": [float(lo), float(hi)], "n_seeds": len(per_seed),
             "n_pairs": int((~np.isnan(m)).sum())}  # fmt: skip

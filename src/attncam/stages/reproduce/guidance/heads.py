@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +26,6 @@ from attncam.models.net import AFTER, AttentionNet
 from attncam.runtime import eval_mode
 
 log = logging.getLogger(__name__)
-
-#: Recipe keys an arm may set, with their defaults (``guidance.arms.<name>`` in the settings).
-ARM_DEFAULTS: dict[str, Any] = {
-    "attention": "cbam",
-    "placement": "last",
-    "gamma": 0.0,
-    "attention_lr_mult": 1.0,
-    "attention_weight_decay": True,
-    "freeze_spatial": False,
-    "shuffle_labels": False,
-}
 
 
 @dataclass(frozen=True)
@@ -73,6 +62,12 @@ class Arm:
     @property
     def has_attention(self) -> bool:
         return self.attention != "none"
+
+
+#: Recipe keys an arm may set, with their defaults (the dataclass's; ``guidance.arms.<name>``).
+ARM_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(Arm) if f.name not in ("name", "extra")
+}
 
 
 def build_net(arm: Arm, backbone: str, num_classes: int) -> AttentionNet:

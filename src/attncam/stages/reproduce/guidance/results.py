@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from attncam.metrics.compare import resolve_sesoi
 from attncam.stages.reproduce.guidance import analysis as A
 from attncam.stages.reproduce.guidance.heads import Arm
 
@@ -24,6 +25,20 @@ def included_seeds(records: Mapping[int, Mapping[str, Any]], min_acc: float) -> 
 def values_of(scores: Mapping[int, Mapping[str, Any]], seeds: Sequence[int]) -> dict[int, Any]:
     """``{seed: {map: {metric: {id: value}}}}`` of the given seeds."""
     return {s: scores[s]["per_image"] for s in seeds if s in scores}
+
+
+def _sesoi(p: DictConfig, metric: str) -> float:
+    """The smallest effect of interest: ``preregistration.sesoi`` or ``compare.DEFAULT_SESOI``."""
+    return resolve_sesoi(metric, OmegaConf.to_container(p.sesoi) if p.get("sesoi") else None)  # type: ignore[arg-type]
+
+
+def registered(p: DictConfig) -> dict[str, Any]:
+    """The pre-registration as run, every endpoint's SESOI resolved (what the report prints)."""
+    out = OmegaConf.to_container(p, resolve=True)
+    assert isinstance(out, dict)
+    keys = dict.fromkeys([*p.primary_endpoints, *p.exploratory, *p.testability])
+    out["sesoi"] = {k: _sesoi(p, k) for k in keys}
+    return out
 
 
 def _rule(p: DictConfig, m: int) -> dict[str, Any]:
@@ -45,14 +60,14 @@ def primary_analysis(values: A.Values, p: DictConfig) -> dict[str, Any]:
     """The pre-registered comparison, its controls, the verdict and the exploratory endpoints."""
     prim = list(p.primary_endpoints)
     rule = _rule(p, len(prim))
-    comps = [A.compare(values, AG, GC, k, float(p.sesoi[k]), rule) for k in prim]
-    controls = {k: [A.compare(values, AG, c, k, float(p.sesoi[k]), rule) for c in p.controls]
+    comps = [A.compare(values, AG, GC, k, _sesoi(p, k), rule) for k in prim]
+    controls = {k: [A.compare(values, AG, c, k, _sesoi(p, k), rule) for c in p.controls]
                 for k in prim}  # fmt: skip
     decision = A.decide(comps, controls, rule)
     for c in comps:
         c["verdict"] = A.endpoint_verdict(c, rule)
-    other = [k for k in p.sesoi if k not in prim]
-    secondary = [A.compare(values, AG, GC, k, float(p.sesoi[k]), _rule(p, 1)) for k in other]
+    other = [k for k in p.exploratory if k not in prim]
+    secondary = [A.compare(values, AG, GC, k, _sesoi(p, k), _rule(p, 1)) for k in other]
     secondary = [c for c in secondary if not c.get("missing")]
     for c in secondary:
         c["verdict"] = A.endpoint_verdict(c, _rule(p, 1))
@@ -66,7 +81,7 @@ def testability(
     """Does the learned gate localise? ``M_s`` alone against the centre prior, and its contrast."""
     keys = [k for k in p.testability]
     rule = _rule(p, len(keys))
-    comps = [A.compare(values, MS, CENTRE, k, float(p.sesoi[k]), rule) for k in keys]
+    comps = [A.compare(values, MS, CENTRE, k, _sesoi(p, k), rule) for k in keys]
     contrast = A.ratio_summary(gates, int(p.resamples))
     return {"comparisons": comps, "contrast": contrast, **A.testability(comps, contrast)}
 
@@ -79,7 +94,7 @@ def recipe_row(
 ) -> dict[str, Any]:
     """One attention recipe: attention-guided vs Grad-CAM at the same layer, and its gate."""
     rule = _rule(p, 1)
-    comps = [A.compare(values, AG, GC, k, float(p.sesoi[k]), rule) for k in metrics]
+    comps = [A.compare(values, AG, GC, k, _sesoi(p, k), rule) for k in metrics]
     comps = [c for c in comps if not c.get("missing")]
     for c in comps:
         c["verdict"] = A.endpoint_verdict(c, rule)
@@ -100,7 +115,7 @@ def cross_arm(
               for s in seeds}  # fmt: skip
     out = []
     for k in metrics:
-        c = A.compare(merged, "a", "b", k, float(p.sesoi[k]), _rule(p, 1))
+        c = A.compare(merged, "a", "b", k, _sesoi(p, k), _rule(p, 1))
         if not c.get("missing"):
             c.update(a="/".join(a), b="/".join(b), verdict=A.endpoint_verdict(c, _rule(p, 1)))
             out.append(c)
@@ -123,7 +138,7 @@ def analyse(
     primary = next(a.name for a in all_arms if a.extra["role"] == "primary")
     vals = values_of(scores[primary], keep[primary])
     out: dict[str, Any] = {
-        "preregistration": OmegaConf.to_container(p, resolve=True),
+        "preregistration": registered(p),
         "accuracy": {n: {s: r for s, r in recs.items()} for n, recs in records.items()},
         "included_seeds": keep, "primary_arm": primary,
         "primary": primary_analysis(vals, p),
@@ -132,7 +147,6 @@ def analyse(
         "recipes": {}, "controls": {},
     }  # fmt: skip
     recipe_metrics = [*g.recipe_metrics, "grid_pointing_game", "pixel_auc"]
-    recipe_metrics = [k for k in recipe_metrics if k in p.sesoi]
     for a in all_arms:
         if a.extra["role"] in ("primary", "recipe") and a.name in scores:
             out["recipes"][a.name] = recipe_row(values_of(scores[a.name], keep[a.name]),
