@@ -163,8 +163,15 @@ def _bf16_section() -> list[str]:
                 f"{big['half_width']:.3g} | {m['max_ratio']:.3f} | {real} | {ok} |"
             )
         verdicts.append(
-            f"- {r['short']}: **{r['verdict']}**" + "".join(f"; {x}" for x in r["reasons"])
+            f"- {r['short']}: every forward in bf16: **{r['verdict']}**"
+            + "".join(f"; {x}" for x in r["reasons"])
         )
+        if r.get("auto"):
+            verdicts.append(
+                f"  - `precision=auto` (the default: {', '.join(r['auto']['bf16_metrics'])} in bf16, "
+                f"the rest in float32): **{r['auto']['verdict']}**"
+                + "".join(f"; {x}" for x in r["auto"]["reasons"])
+            )
     lines += ["", *verdicts]
     training = res.get("training")
     if training:

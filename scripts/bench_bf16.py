@@ -155,6 +155,29 @@ def metric_reasons(key: str, m: Mapping[str, Any]) -> list[str]:
     return reasons
 
 
+#: The metric family each compared metric's forwards belong to (``attncam.inference.FAMILIES``).
+FAMILY = {
+    "average_drop": "scores",
+    "increase_in_confidence": "scores",
+    "deletion": "curves",
+    "insertion": "curves",
+}
+
+
+def auto_verdict(metrics: Mapping[str, Mapping[str, Any]]) -> tuple[str, list[str], list[str]]:
+    """``(verdict, reasons, bf16 metrics)`` of ``precision=auto`` on a CPU with bf16 units.
+
+    auto runs the families in ``attncam.inference.AUTO_BF16`` in bf16 (their rows here) and the
+    others in float32, where its values are the float32 suite's bit for bit (asserted in
+    ``tests/unit/test_metrics_confidence.py``), so only the bf16 rows can break the rule.
+    """
+    from attncam.inference import AUTO_BF16
+
+    bf16 = {k: m for k, m in metrics.items() if FAMILY[k] in AUTO_BF16}
+    word, reasons = verdict(bf16)
+    return word, reasons, list(bf16)
+
+
 def verdict(metrics: Mapping[str, Mapping[str, Any]]) -> tuple[str, list[str]]:
     """``("agreement holds" | "agreement does not hold", reasons)`` from per-metric summaries
     (:func:`metric_reasons` of each); see :data:`RULE`."""
@@ -406,6 +429,7 @@ def evaluate(s: Subject, cfg: Any, batch_size: int, resamples: int) -> dict[str,
         for key, _ in METRICS
     }
     word, reasons = verdict(metrics)
+    auto_word, auto_reasons, auto_bf16 = auto_verdict(metrics)
     flips = ic_flips(scored["per_image"]["float32"], scored["per_image"]["bf16"], names)
     return {
         "ic_flips": flips,
@@ -417,6 +441,7 @@ def evaluate(s: Subject, cfg: Any, batch_size: int, resamples: int) -> dict[str,
         "seconds": {**scored["seconds"], "total": time.perf_counter() - t0},
         "speedup": scored["speedup"], "speedup_batch_median": scored["speedup_batch_median"],
         "batches": scored["batches"], "metrics": metrics, "verdict": word, "reasons": reasons,
+        "auto": {"verdict": auto_word, "reasons": auto_reasons, "bf16_metrics": auto_bf16},
     }  # fmt: skip
 
 
@@ -537,8 +562,24 @@ def model_section(r: Mapping[str, Any]) -> list[str]:
         f"**Verdict: {r['verdict']}.**"
         + (" " + "; ".join(r["reasons"]) + "." if r["reasons"] else ""),
         "",
+        *auto_lines(r),
     ]
     return lines
+
+
+def auto_lines(r: Mapping[str, Any]) -> list[str]:
+    """The verdict of ``precision=auto`` (the default), when the report has one."""
+    auto = r.get("auto")
+    if not auto:
+        return []
+    rest = [k for k in r["metrics"] if k not in auto["bf16_metrics"]]
+    return [
+        f"**`precision=auto` (the default; on this CPU {', '.join(auto['bf16_metrics'])} in "
+        f"bf16, {', '.join(rest)} in float32, equal to the float32 suite's values): "
+        f"{auto['verdict']}.**"
+        + (" " + "; ".join(auto["reasons"]) + "." if auto["reasons"] else ""),
+        "",
+    ]
 
 
 def training_section(training: Mapping[str, Any] | None) -> list[str]:
@@ -650,15 +691,16 @@ def write_report(out: Path, res: Mapping[str, Any]) -> None:
         "",
         f"Rule: {RULE}.",
         "",
-        "| model | verdict | max over methods of \\|diff\\| / float32 CI half-width (metric) | "
+        "| model | verdict, every forward in bf16 | verdict, `precision=auto` (the default) | "
+        "max over methods of \\|diff\\| / float32 CI half-width (metric) | "
         "ranking swaps outside noise | bf16 speed-up of `update()`: median per batch (total) |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for r in res["models"].values():
         worst = max(r["metrics"], key=lambda k: r["metrics"][k]["max_ratio"])
         real = sum(not s["tie"] for m in r["metrics"].values() for s in m["swaps"])
         lines.append(
-            f"| {r['short']} | {r['verdict']} | "
+            f"| {r['short']} | {r['verdict']} | {r.get('auto', {}).get('verdict', 'n/a')} | "
             f"{r['metrics'][worst]['max_ratio']:.3f} ({worst}) | {real} | "
             f"{r['speedup_batch_median']:.2f}x ({r['speedup']:.2f}x) |"
         )

@@ -13,10 +13,12 @@ model (deletion and insertion curves, Average Drop, Percentage-in), so it runs a
   cannot trace them. The folded copy is checked against the original on the dry-run input; a
   mismatch (a conv output also used elsewhere, say) keeps the unfolded copy and says why.
 - **Channels-last** weights and inputs (oneDNN's fast layout on CPU).
-- **bfloat16 autocast when asked** (``metrics.protocol.precision=bf16``, or ``auto``: bf16 on
-  CPUs with bf16 matrix units, ``avx512_bf16`` or AMX, float32 elsewhere). The maps are always
-  computed in float32 by the explainer; only the perturbation forwards run in bf16. float32 is
-  the default: ``benchmarks/bf16_agreement.md`` measures what bf16 changes.
+- **bfloat16 autocast where it agrees** (``metrics.protocol.precision=auto``, the default: on
+  CPUs with bf16 matrix units, ``avx512_bf16`` or AMX, the deletion/insertion curves run in bf16
+  and every other metric forward in float32; everything float32 elsewhere). ``precision=bf16``
+  runs every metric forward in bf16, ``precision=float32`` none (publication runs). The maps
+  are always computed in float32 by the explainer. ``benchmarks/bf16_agreement.md`` measures
+  what bf16 changes: the curves agree with float32, Increase in Confidence does not.
 
 This module imports only ``attncam.runtime``, so any package may use it.
 """
@@ -40,6 +42,8 @@ from attncam.runtime import eval_mode
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "AUTO_BF16",
+    "FAMILIES",
     "PRECISIONS",
     "FoldReport",
     "autocast",
@@ -49,9 +53,19 @@ __all__ = [
     "resolve_precision",
 ]
 
-#: ``precision=`` choices of the perturbation forwards (float32 is the default): ``auto`` picks
-#: ``bf16`` on CPUs with bf16 matrix units and ``float32`` elsewhere.
+#: ``precision=`` choices of the perturbation forwards: ``auto`` (the default) picks ``bf16`` for
+#: the families in :data:`AUTO_BF16` on CPUs with bf16 matrix units and ``float32`` otherwise.
 PRECISIONS: tuple[str, ...] = ("float32", "bf16", "auto")
+
+#: The metric families whose forwards the perturbation engine runs in one precision each:
+#: ``scores`` (Average Drop, Increase in Confidence, Percentage-in, ROAD, occlusion: differences
+#: of nearly equal scores) and ``curves`` (the deletion/insertion curves).
+FAMILIES: tuple[str, ...] = ("scores", "curves")
+
+#: The families ``precision=auto`` runs in bf16 on CPUs with bf16 units: those whose bf16 results
+#: agree with float32 in ``benchmarks/bf16_agreement.md`` (the deletion and insertion AUCs on
+#: both models measured there; Increase in Confidence did not, so ``scores`` stays float32).
+AUTO_BF16: frozenset[str] = frozenset({"curves"})
 
 #: /proc/cpuinfo flags of CPUs whose bf16 matrix arithmetic is fast.
 BF16_FLAGS: tuple[str, ...] = ("avx512_bf16", "amx_bf16")
@@ -72,18 +86,28 @@ def cpu_bf16_supported(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return any(f in flags for f in BF16_FLAGS)
 
 
-def resolve_precision(requested: str, device: torch.device | str = "cpu") -> tuple[str, str]:
+def resolve_precision(
+    requested: str, device: torch.device | str = "cpu", family: str = "scores"
+) -> tuple[str, str]:
     """``(precision, why)``: ``bf16`` or ``float32`` for a requested ``auto|bf16|float32``.
 
-    ``auto`` is ``bf16`` on a CPU with bf16 matrix units and ``float32`` otherwise (a GPU
-    user asks for ``bf16`` explicitly). ``bf16`` on a CPU without them still runs, slowly, and
-    the reason says so.
+    ``auto`` is ``bf16`` for the metric families in :data:`AUTO_BF16` (the deletion/insertion
+    curves) on a CPU with bf16 matrix units, and ``float32`` for the others and on any other
+    device (a GPU user asks for ``bf16`` explicitly). ``bf16`` on a CPU without them still
+    runs, slowly, and the reason says so.
+
+    Args:
+        requested: ``float32``, ``bf16`` or ``auto``.
+        device: Where the forwards run.
+        family: The metric family the forwards serve, one of :data:`FAMILIES`.
 
     Raises:
-        ValueError: On a value outside :data:`PRECISIONS`.
+        ValueError: On a value outside :data:`PRECISIONS` or :data:`FAMILIES`.
     """
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown metric family {family!r}; choose one of: {', '.join(FAMILIES)}")
     kind = torch.device(device).type
     fast = kind == "cpu" and cpu_bf16_supported()
     if requested == "float32":
@@ -91,9 +115,17 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu") -> tup
     if requested == "bf16":
         note = "" if fast or kind != "cpu" else "; this CPU has no bf16 units, so it is slow"
         return "bf16", f"asked (precision=bf16){note}"
-    if fast:
-        return "bf16", "auto: the CPU has bf16 matrix units (avx512_bf16/amx_bf16)"
-    return "float32", f"auto: no bf16 matrix units on this {kind}"
+    if not fast:
+        return "float32", f"auto: no bf16 matrix units on this {kind}"
+    if family in AUTO_BF16:
+        return "bf16", (
+            "auto: the CPU has bf16 matrix units (avx512_bf16/amx_bf16) and these metrics' bf16 "
+            "results agree with float32 (benchmarks/bf16_agreement.md)"
+        )
+    return "float32", (
+        "auto: float32, as bf16 does not agree with float32 on these metrics "
+        "(benchmarks/bf16_agreement.md)"
+    )
 
 
 @contextmanager

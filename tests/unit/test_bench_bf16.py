@@ -89,6 +89,18 @@ def test_verdict_fails_on_a_real_swap_or_a_large_shift(bench: ModuleType) -> Non
     assert bench.verdict({"m": {**shifted, "max_ratio": 0.249}})[0] == "agreement holds"
 
 
+def test_auto_verdict_judges_only_the_metrics_auto_runs_in_bf16(bench: ModuleType) -> None:
+    ok = {"max_ratio": 0.05, "swaps": []}
+    bad = {"max_ratio": 0.40, "swaps": []}  # as Increase in Confidence measured
+    metrics = {"average_drop": ok, "increase_in_confidence": bad, "deletion": ok, "insertion": ok}
+    assert bench.verdict(metrics)[0] == "agreement does not hold"
+    word, reasons, bf16 = bench.auto_verdict(metrics)
+    assert (word, reasons, bf16) == ("agreement holds", [], ["deletion", "insertion"])
+    word, reasons, _ = bench.auto_verdict({**metrics, "insertion": bad})
+    assert word == "agreement does not hold" and reasons[0].startswith("insertion:")
+    assert set(bench.FAMILY) == {k for k, _ in bench.METRICS}
+
+
 def test_ic_flips_bound_the_gap_by_the_larger_average_drop(bench: ModuleType) -> None:
     per32 = {"m": {"increase_in_confidence": {0: 100.0, 1: 0.0, 2: 0.0},
                    "average_drop": {0: 0.0, 1: 0.05, 2: 3.0}}}  # fmt: skip

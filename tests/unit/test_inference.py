@@ -111,12 +111,27 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, t
     assert inference.cpu_bf16_supported.__wrapped__(str(with_units))
     assert not inference.cpu_bf16_supported.__wrapped__(str(without))
     monkeypatch.setattr(inference, "cpu_bf16_supported", lambda: True)
-    assert resolve_precision("auto")[0] == "bf16"
-    assert resolve_precision("float32") == ("float32", "asked (precision=float32)")
+    # auto: bf16 only for the families whose bf16 agreement holds (the curves)
+    assert resolve_precision("auto", "cpu", "curves")[0] == "bf16"
+    precision, why = resolve_precision("auto", "cpu", "scores")
+    assert precision == "float32" and "does not agree" in why
+    assert resolve_precision("auto")[0] == "float32"  # the family defaults to scores
+    assert resolve_precision("auto", "cuda", "curves")[0] == "float32"  # GPUs ask for bf16
+    for family in inference.FAMILIES:
+        assert resolve_precision("float32", "cpu", family) == (
+            "float32",
+            "asked (precision=float32)",
+        )
+        assert resolve_precision("bf16", "cpu", family)[0] == "bf16"
     monkeypatch.setattr(inference, "cpu_bf16_supported", lambda: False)
-    precision, why = resolve_precision("auto")
-    assert precision == "float32" and "no bf16 matrix units" in why
+    for family in inference.FAMILIES:
+        precision, why = resolve_precision("auto", "cpu", family)
+        assert precision == "float32" and "no bf16 matrix units" in why
     assert "slow" in resolve_precision("bf16")[1]
+    with pytest.raises(
+        ValueError, match="unknown metric family 'maps'; choose one of: scores, curves"
+    ):
+        resolve_precision("auto", "cpu", "maps")
     with pytest.raises(
         ValueError, match="unknown precision 'fp16'; choose one of: float32, bf16, auto"
     ):

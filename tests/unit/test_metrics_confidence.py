@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from attncam import inference
 from attncam.metrics import (
     AverageDrop,
     IncreaseInConfidence,
@@ -334,6 +336,47 @@ def _tied_maps() -> Tensor:
     m[1] = torch.arange(16).float().view(4, 4) / 15  # distinct values
     m[2] = float("nan")
     return m
+
+
+def test_auto_precision_runs_the_curves_in_bf16_and_the_rest_in_float32(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """precision=auto on a CPU with bf16 units: Y, Average Drop / IC and Percentage-in are the
+    float32 engine's bit for bit; the deletion/insertion curves (their Y included) the bf16
+    engine's."""
+    monkeypatch.setattr(inference, "cpu_bf16_supported", lambda: True)
+    torch.manual_seed(0)
+    model = PixelModel(TinyNet(), (0.5,) * 3, (0.25,) * 3).eval()
+    images = torch.rand(4, 3, 16, 16)
+    maps = {"a": torch.rand(4, 16, 16), "b": torch.rand(4, 16, 16)}
+    engines = {
+        p: Perturber(model, Protocol(precision=p, steps=5)) for p in ("auto", "float32", "bf16")
+    }
+    auto = engines["auto"]
+    assert (auto.precision, auto.curve_precision) == ("float32", "bf16")
+    assert Protocol().precision == "auto"  # the default
+    base = {p: e.base_scores(images) for p, e in engines.items()}
+    assert torch.equal(base["auto"].scores, base["float32"].scores)
+    assert torch.equal(base["auto"].curve_logits, base["bf16"].score_logits)
+    table = {
+        p: engines[p].confidence_table(images, maps, base=base[p]) for p in ("auto", "float32")
+    }
+    curves = {p: e.deletion_insertion(images, maps, base=base[p]) for p, e in engines.items()}
+    for n in maps:
+        assert torch.equal(table["auto"].masked[n], table["float32"].masked[n])
+        assert torch.equal(table["auto"].percentage_in[n], table["float32"].percentage_in[n])
+        for kind in ("deletion", "insertion"):
+            got, want = getattr(curves["auto"][n], kind), getattr(curves["bf16"][n], kind)
+            assert torch.equal(got, want)
+            exact = getattr(curves["float32"][n], kind)
+            assert not torch.equal(got, exact) and torch.allclose(got, exact, atol=2e-2)
+    # Another explained class (explain's target=...): the curves' Y follows it, in bf16
+    other = (base["auto"].targets + 1) % 10
+    swapped = dataclasses.replace(
+        base["auto"], targets=other, scores=auto.scores(base["auto"].score_logits, other)
+    )
+    first = auto.deletion_insertion(images, maps["a"], base=swapped)["map"].deletion[:, 0]
+    assert torch.equal(first, auto.scores(base["bf16"].score_logits, other))
 
 
 def test_kept_fraction_counts_ties_at_the_threshold() -> None:

@@ -6,7 +6,9 @@ chunks of ``chunk_size`` under ``torch.inference_mode()`` and returns target sco
 themselves (``confidence``, ``curves``, ``localization``) only see those scores and the maps.
 
 Forward passes per image (``M`` methods, ``P`` Percentage-in levels, ``S`` curve steps):
-    - ``base_scores``: 1 (``Y``, shared by every method and metric);
+    - ``base_scores``: 1 per distinct precision among float32 (the predicted class) and those of
+      the two metric families (``Y``, shared by every method and metric): 1 in float32, 2 with
+      ``precision=bf16`` or with ``auto`` on a CPU with bf16 units;
     - ``confidence_table``: ``M * (1 + P)`` (``O`` and Percentage-in), so the paper's table with
       5 methods and 5 levels costs ``1 + 5 * 6``;
     - ``deletion_insertion``: ``1`` (the insertion baseline: blurred copy, mean colour or noise)
@@ -64,6 +66,8 @@ class BaseScores:
         score_logits: The outputs ``scores`` come from, in the precision of the metrics'
             forwards (``Perturber.precision``; the same as ``logits`` in float32). Scores of
             other targets are ``Perturber.scores(score_logits, targets)``.
+        curve_logits: The outputs the deletion/insertion curves' ``Y`` comes from, in
+            ``Perturber.curve_precision`` (``score_logits`` when the two precisions agree).
     """
 
     scores: Tensor
@@ -72,10 +76,13 @@ class BaseScores:
     predicted: Tensor
     logits: Tensor
     score_logits: Tensor | None = None
+    curve_logits: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.score_logits is None:
             self.score_logits = self.logits
+        if self.curve_logits is None:
+            self.curve_logits = self.score_logits
 
 
 @dataclass
@@ -177,8 +184,12 @@ class Perturber:
     Attributes:
         images_forwarded: Number of images passed through the model so far.
         precision: ``bf16`` or ``float32``: the protocol's ``precision`` resolved for the model's
-            device (``attncam.inference.resolve_precision``); every forward, the base scores
-            included, runs in it. ``precision_reason`` says why.
+            device and the ``scores`` family (``attncam.inference.resolve_precision``): ``Y`` and
+            every forward of Average Drop, Increase in Confidence, Percentage-in, ROAD and
+            occlusion run in it. ``precision_reason`` says why.
+        curve_precision: The same for the deletion/insertion curves (``curves`` family; their
+            ``Y`` included); ``curve_precision_reason`` says why. With ``precision=auto`` on a
+            CPU with bf16 units the curves run in bf16 and the rest in float32.
     """
 
     def __init__(
@@ -209,8 +220,12 @@ class Perturber:
             )
         self.optimize = bool(optimize) and isinstance(model, nn.Module)
         self.images_forwarded = 0
+        device = _device_of(model)
         self.precision, self.precision_reason = resolve_precision(
-            self.protocol.precision, _device_of(model)
+            self.protocol.precision, device, "scores"
+        )
+        self.curve_precision, self.curve_precision_reason = resolve_precision(
+            self.protocol.precision, device, "curves"
         )
         self._fast: nn.Module | None = None
         self._fast_key: tuple[tuple[int, int], ...] = ()
@@ -274,14 +289,15 @@ class Perturber:
             return MF.select_scores(logits.float() / p.temperature, targets, "softmax")
         return MF.select_scores(logits, targets, p.score)
 
-    def _run(self, jobs: _Jobs) -> Tensor:
-        """Score a stream of perturbed images in chunks; returns ``(J,)`` scores."""
+    def _run(self, jobs: _Jobs, precision: str | None = None) -> Tensor:
+        """Score a stream of perturbed images in chunks (in ``precision``, default the
+        ``scores`` family's); returns ``(J,)`` scores."""
         n = int(jobs.targets.shape[0])
         out: list[Tensor] = []
         with self._calling():
             for start in range(0, n, self.chunk_size):
                 stop = min(n, start + self.chunk_size)
-                logits = self._forward(jobs.build(start, stop))
+                logits = self._forward(jobs.build(start, stop), precision)
                 out.append(self.scores(logits, jobs.targets[start:stop]))
         if not out:
             return torch.empty(0, device=jobs.targets.device)
@@ -365,7 +381,8 @@ class Perturber:
             raise ValueError(
                 f"target='{p.target}', only_correct={p.only_correct} need labels; got labels=None"
             )
-        logits, score_logits = self._base_logits(images)
+        by_precision = self._base_logits(images)
+        logits = by_precision["float32"]
         predicted = logits.argmax(dim=1)
         if targets is None:
             targets = labels if p.target == "label" else predicted
@@ -375,23 +392,28 @@ class Perturber:
             if labels is None:
                 raise ValueError("only_correct=True needs labels; got labels=None")
             keep = predicted == labels.to(predicted.device)
+        score_logits = by_precision[self.precision]
         scores = self.scores(score_logits, targets)
-        return BaseScores(scores, targets, keep, predicted, logits, score_logits)
+        curve_logits = by_precision[self.curve_precision]
+        return BaseScores(scores, targets, keep, predicted, logits, score_logits, curve_logits)
 
-    def _base_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """``(float32 logits, logits in the metrics' precision)`` of the full images.
+    def _base_logits(self, images: Tensor) -> dict[str, Tensor]:
+        """Logits of the full images in float32 and in each precision the metrics' forwards use.
 
         The predicted class comes from float32 (what the model predicts, and the class the
-        float32 maps explain); ``Y`` comes from the precision of the perturbed forwards, so that
-        ``Y - O`` compares like with like. In float32 the two are one forward.
+        float32 maps explain); each ``Y`` comes from the precision of the perturbed forwards it
+        is compared with, so that ``Y - O`` and a curve's end points compare like with like.
+        One forward per distinct precision.
         """
         chunks = range(0, images.shape[0], self.chunk_size)
+        wanted = dict.fromkeys((self.precision, self.curve_precision, "float32"))
         with self._calling():
-            scored = torch.cat([self._forward(images[s : s + self.chunk_size]) for s in chunks])
-            if self.precision == "float32":
-                return scored.clone(), scored.clone()
-            exact = [self._forward(images[s : s + self.chunk_size], "float32") for s in chunks]
-        return torch.cat(exact).clone(), scored.clone()
+            return {
+                p: torch.cat(
+                    [self._forward(images[s : s + self.chunk_size], p) for s in chunks]
+                ).clone()
+                for p in wanted
+            }
 
     def _base(self, images: Tensor, base: BaseScores | None, labels: Tensor | None) -> BaseScores:
         if base is None:
@@ -512,7 +534,7 @@ class Perturber:
         """Score of the all-deleted image (a constant image) for each target: one forward."""
         zero = self.from_mask_space(torch.zeros_like(images[:1]))
         with self._calling():
-            logits = self._forward(zero).clone()
+            logits = self._forward(zero, self.curve_precision).clone()
         return self.scores(logits.expand(targets.shape[0], -1), targets)
 
     def insertion_start_images(self, images: Tensor) -> Tensor:
@@ -579,7 +601,8 @@ class Perturber:
         fractions = torch.tensor(counts, dtype=torch.float32, device=images.device) / (h * w)
         s = len(counts) - 1
         interior = counts[1:-1]
-        y = base.scores.to(torch.float32)
+        y = base.scores if self.curve_precision == self.precision else self._curve_y(base)
+        y = y.to(torch.float32)
         deleted = self._constant_baseline_scores(images, base.targets)
         start = self.insertion_start_images(images)
 
@@ -616,8 +639,15 @@ class Perturber:
         """Scores of ``images[which]`` (``(B,)``, NaN elsewhere): one forward per chosen image."""
         idx = which.nonzero().flatten()
         out = images.new_full((images.shape[0],), float("nan"))
-        out[idx] = self._run(_Jobs(targets[idx], lambda a, z: images[idx[a:z]]))
+        out[idx] = self._run(
+            _Jobs(targets[idx], lambda a, z: images[idx[a:z]]), self.curve_precision
+        )
         return out
+
+    def _curve_y(self, base: BaseScores) -> Tensor:
+        """``Y`` of the curves in their own precision (``base.curve_logits``)."""
+        assert base.curve_logits is not None  # set in __post_init__
+        return self.scores(base.curve_logits, base.targets)
 
     @staticmethod
     def _ranked_pairs(
@@ -681,7 +711,9 @@ class Perturber:
             other = torch.where(ins[:, :, None], flat_start[im], zero_flat.expand_as(src))
             return torch.where(take_image, src, other).view(-1, 3, h, w)
 
-        return self._run(_Jobs(targets[img_of[job_pair]], build)).view(-1, per)
+        return self._run(_Jobs(targets[img_of[job_pair]], build), self.curve_precision).view(
+            -1, per
+        )
 
     # ------------------------------------------------------------------ ROAD
 

@@ -69,12 +69,14 @@ class EvalProtocol:
             Petsiuk et al. 2018), ``mean`` (every pixel the image's per-channel mean colour in
             pixel space) or ``noise`` (one ``U[0, 1]`` pixel-space noise image drawn from a
             generator seeded with ``seed``, the same for every image).
-        precision: Precision of every model forward the metrics make (the maps are always
-            computed in float32): ``float32`` (the default), ``bf16`` (bfloat16 autocast, about
-            2x faster on CPUs with bf16 matrix units) or ``auto`` (bf16 on such CPUs, float32
-            elsewhere). bf16 is not the default because its agreement with float32 does not
-            hold on Increase in Confidence (a sign test of tiny score differences on saturated
-            models) and swapped one Average Drop ranking: ``benchmarks/bf16_agreement.md``.
+        precision: Precision of the metrics' model forwards (the maps are always computed in
+            float32): ``auto`` (the default: on CPUs with bf16 matrix units the deletion and
+            insertion curves run under bfloat16 autocast, about 1.7x faster, and every other
+            forward in float32; float32 elsewhere), ``float32`` (every forward: publication
+            runs) or ``bf16`` (every forward). ``auto`` keeps Average Drop, Increase in
+            Confidence and Percentage-in in float32 because their bf16 agreement with float32
+            does not hold (Increase in Confidence is a sign test of tiny score differences on
+            saturated models), while the curves' does: ``benchmarks/bf16_agreement.md``.
     """
 
     mask_space: str = "pixel"
@@ -91,7 +93,7 @@ class EvalProtocol:
     seed: int = 0
     temperature: float | None = None
     insertion_baseline: str = "blur"
-    precision: str = "float32"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("mask_space", self.mask_space, MASK_SPACES)

@@ -280,15 +280,27 @@ class ExplainModule(L.LightningModule):
             self.on_forward()
 
     def precision(self) -> dict[str, str]:
-        """The metrics' forwards' precision and why (maps are always float32)."""
+        """The metrics' forwards' precision per family and why (maps are always float32).
+
+        ``metric_forwards`` is one word when both families agree, else ``"mixed"``; ``scores``
+        covers Average Drop, Increase in Confidence, Percentage-in, ROAD and occlusion, and
+        ``curves`` the deletion/insertion curves (``attncam.inference.FAMILIES``).
+        """
         perturber = self.suite.perturber
         if perturber is None:  # not bound yet: what it will resolve to
             first = next(self.net.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
-            value, why = resolve_precision(self.protocol.precision, device)
+            requested = self.protocol.precision
+            scores, why = resolve_precision(requested, device, "scores")
+            curves, curves_why = resolve_precision(requested, device, "curves")
         else:
-            value, why = perturber.precision, perturber.precision_reason
-        return {"metric_forwards": value, "why": why, "maps": "float32"}
+            scores, why = perturber.precision, perturber.precision_reason
+            curves, curves_why = perturber.curve_precision, perturber.curve_precision_reason
+        overall = scores if scores == curves else "mixed"
+        return {
+            "metric_forwards": overall, "scores": scores, "curves": curves, "why": why,
+            "curves_why": curves_why, "maps": "float32",
+        }  # fmt: skip
 
     def forwards_done(self) -> int:
         """Images the perturbation engine has passed through the model so far."""

@@ -240,9 +240,15 @@ def _precision_lines(precision: Mapping[str, str] | None) -> list[str]:
     """One line saying in which precision the metrics' forwards ran (nothing when unknown)."""
     if not precision:
         return []
+    maps = precision.get("maps", "float32")
+    option = "`metrics.protocol.precision=auto|float32|bf16`"
+    curves = precision.get("curves", precision["metric_forwards"])
+    if curves == precision["metric_forwards"]:
+        return [f"Metric forwards in {curves} ({precision['why']}); maps in {maps} ({option}).", ""]
     return [
-        f"Metric forwards in {precision['metric_forwards']} ({precision['why']}); maps in "
-        f"{precision.get('maps', 'float32')} (`metrics.protocol.precision=float32|bf16|auto`).",
+        f"Metric forwards: deletion/insertion curves in {curves} ({precision['curves_why']}); "
+        f"Average Drop, Increase in Confidence, Percentage-in and the rest in "
+        f"{precision['scores']} ({precision['why']}); maps in {maps} ({option}).",
         "",
     ]
 

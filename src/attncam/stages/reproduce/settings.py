@@ -148,6 +148,7 @@ def explain_overrides(s: DictConfig, ckpt: Path, metrics: Sequence[str]) -> list
     ov += [f"figure_rows={e.figure_rows}", f"metrics.num_resamples={e.num_resamples}"]
     ov += [
         f"metrics.protocol.steps={e.steps}",
+        "metrics.protocol.precision=float32",  # a publication run: no bf16 forwards
         f"metrics.pointing_tolerance={e.pointing_tolerance}",
     ]
     ov += [f"metrics.protocol.road_percentages=[{','.join(str(p) for p in e.road_percentages)}]"]
