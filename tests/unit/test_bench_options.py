@@ -154,6 +154,46 @@ def test_compile_gives_same_logits() -> None:
     assert all(p.grad is not None for p in net.parameters())
 
 
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="no C++")
+def test_compile_attention_compiles_only_the_attention_with_the_same_values() -> None:
+    """model.compile=attention: each CBAM compiled in place (inductor), the backbone eager; the
+    training step's logits and every gradient equal the eager network's, and the parameter
+    names (checkpoint keys) do not change."""
+    import copy
+
+    from attncam.stages.train import compile_model
+
+    torch.manual_seed(0)
+    eager = AttentionNet("tiny", 4, "cbam").train()
+    for name in eager.attention_names:  # non-trivial spatial gates
+        nn.init.normal_(eager.get_submodule(name).spatial_gate.bn.weight)
+    net = copy.deepcopy(eager)
+    keys = list(net.state_dict())
+    compile_model(net, "attention")
+    assert list(net.state_dict()) == keys
+    compiled = {n for n, m in net.named_modules() if getattr(m, "_compiled_call_impl", None)}
+    assert compiled == set(net.attention_names) and compiled
+    x = torch.rand(3, 3, 32, 32)
+    out, ref = net(x), eager(x)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+    (out * torch.arange(4.0)).sum().backward()
+    (ref * torch.arange(4.0)).sum().backward()
+    for (name, p), q in zip(net.named_parameters(), eager.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-3), name
+
+
+def test_compile_model_names_the_valid_values() -> None:
+    from attncam.stages.train import compile_model
+
+    net = AttentionNet("tiny", 4, "cbam")
+    compile_model(net, False)
+    compile_model(net, "false")  # a string from the command line
+    assert not any(getattr(m, "_compiled_call_impl", None) for m in net.modules())
+    with pytest.raises(ValueError, match=r"model.compile='attn' is not valid; choose false .*"
+                       r"true .* or attention"):  # fmt: skip
+        compile_model(net, "attn")
+
+
 def test_bf16_mixed_precision_runs_a_step(tmp_path) -> None:
     torch.manual_seed(0)
     module = ClassifierModule("tiny", 4, attention="cbam", pretrained=False, log_images=0)

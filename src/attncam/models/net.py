@@ -9,6 +9,7 @@ modules listed by :meth:`AttentionNet.attention_taps`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import nn
@@ -361,6 +362,25 @@ class AttentionNet(nn.Module):
             for n, m in self.named_modules()
             if isinstance(m, AttentionTap) and (kind is None or m.kind == kind)
         }
+
+    def compile_attention(self, **options: Any) -> list[str]:
+        """Compile every inserted attention module in place (``nn.Module.compile``).
+
+        Under ``torch.compile`` a CBAM runs its straightforward eq. 1 (``forward_reference``) and
+        inductor fuses its pooling and gating passes into generated C++ kernels; the backbone
+        stays eager. ``model.compile=attention`` of the train stage calls this; it pays only
+        when a run is long enough to earn back the compile time (``benchmarks/train.md``).
+        Parameter names (and checkpoint keys) do not change.
+
+        Args:
+            options: Passed to ``torch.compile`` (e.g. ``backend``, ``mode``).
+
+        Returns:
+            The compiled modules' dotted names (empty without attention).
+        """
+        for name in self.attention_names:
+            self.get_submodule(name).compile(**options)
+        return list(self.attention_names)
 
     def is_new_parameter(self, name: str) -> bool:
         """True for parameters trained from scratch (attention, a new head, or no pretraining)."""

@@ -123,14 +123,38 @@ def _resume_checkpoint(cfg: DictConfig, module: ClassifierModule) -> tuple[str |
     return str(resume), int(saved.get("global_step") or 0)
 
 
+#: ``model.compile`` values: eager, the whole network, or only the attention modules.
+COMPILE_CHOICES: tuple[Any, ...] = (False, True, "attention")
+
+
+def compile_model(net: Any, mode: Any) -> None:
+    """``model.compile``: ``false`` (eager), ``true`` (``torch.compile`` of the whole network) or
+    ``attention`` (only its attention modules: ``AttentionNet.compile_attention``). In place, so
+    checkpoint keys keep their names (no ``_orig_mod.``).
+
+    Raises:
+        ValueError: On any other value, naming the valid ones.
+    """
+    if isinstance(mode, str) and mode.lower() in ("true", "false"):
+        mode = mode.lower() == "true"
+    if not any(mode is c or (isinstance(c, str) and mode == c) for c in COMPILE_CHOICES):
+        raise ValueError(
+            f"model.compile={mode!r} is not valid; choose false (eager), true (the whole network) "
+            "or attention (only the attention modules)"
+        )
+    if mode == "attention":
+        net.compile_attention()
+    elif mode:
+        net.compile()
+
+
 def _data_and_module(cfg: DictConfig) -> tuple[Any, ClassifierModule]:
     """The data module (set up for fitting) and the Lightning module, with its run metadata."""
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = build_module(cfg, int(datamodule.num_classes))
-    if cfg.model.get("compile", False):
-        module.net.compile()  # in place: checkpoint keys keep their names (no _orig_mod.)
+    compile_model(module.net, cfg.model.get("compile", False))
     module.run_metadata = {
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "config": OmegaConf.to_container(cfg, resolve=True),
