@@ -241,7 +241,10 @@ def _run_scripts(args: argparse.Namespace, work: Path) -> dict[str, dict[str, ob
         t0 = time.perf_counter()
         path, source = demo_checkpoint(args.ckpt, work)
         print(f"== demo checkpoint: {path} ({source}, {time.perf_counter() - t0:.0f} s)")
-        ckpt = ["--ckpt", str(path)]
+        # Inside the checkout (outputs/demo/...) the path is given relative to it (the scripts
+        # run there), so that no machine's folder layout lands in the committed reports.
+        inside = Path(path).resolve().is_relative_to(ROOT.resolve())
+        ckpt = ["--ckpt", str(Path(path).resolve().relative_to(ROOT.resolve()) if inside else path)]
     for key in args.only:
         extra = ckpt if key in DEMO_SCRIPTS else []
         cmd = [sys.executable, *SCRIPTS[key][0], *extra, *(["--quick"] if args.quick else [])]

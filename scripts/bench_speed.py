@@ -560,6 +560,7 @@ def main() -> None:
         work = Path(tmp)
         ckpt, source = demo_checkpoint(args.ckpt, work)
         res["checkpoint"] = {"path": str(ckpt), "source": source}
+        ckpt = ckpt.resolve()  # the "before" arm runs in another folder
         if "card" in args.parts:
             res["card"] = bench_card(args, ckpt, work)
         if "profile" in args.parts:
