@@ -736,8 +736,10 @@ def _md_lightning(res: dict[str, Any]) -> list[str]:
             "kernel takes about 12% longer inside the Lightning step "
             "(`convolution_backward` 5.9 s vs 5.2 s, `mkldnn_convolution` 2.0 s vs 1.7 s); "
             "Lightning's own Python work (closure, hooks, logging, progress bar) is about "
-            "40 ms per step. Both loops spend much of a CPU step in page faults: glibc "
-            "returns the freed activations to the kernel after every step and faults them "
+            "40 ms per step. Before the stages raised glibc's thresholds "
+            "(`attncam.runtime.tune_allocator`), both loops spent much of a CPU step in page "
+            "faults: glibc returned the freed activations to the kernel after every step and "
+            "faulted them "
             "back in (2.3 million minor faults per 4 steps, about 9 GB of page touches). With "
             "`MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` set to 16 GiB both loops "
             "ran 1.6x faster in one run (plain 1.67 s/step, Lightning 1.87 s/step) and the "
@@ -827,9 +829,8 @@ CBAM_FAULTS = (
     "hands freed heap memory back to the kernel between steps and the next step's "
     "convolutions fault it back in; with `mallopt(M_MMAP_THRESHOLD, 32 MiB)` and "
     "`mallopt(M_TRIM_THRESHOLD, 1 GiB)` both networks took 0 to 10,753 faults per step. "
-    "That is a process-wide allocator setting, not a CBAM change: not adopted, and its "
-    "effect on the ratio could not be measured reliably on the shared CPU (1.20x to 1.47x "
-    "in single runs, with and without it alike)."
+    "Every stage now raises those thresholds at its start (`attncam.runtime.tune_allocator`, "
+    "measured in `benchmarks/speed.md`), and so does this script."
 )
 CBAM_LEVERS = (
     (
@@ -915,9 +916,11 @@ def _md_cbam_profile(pr: dict[str, Any]) -> list[str]:
         "gate gradients, each one memory-bound pass over the block's `(B, C, h, w)` "
         "tensor. The 16 spatial-gate convs (7x7, 2 channels to 1) and their BN are small: "
         "measured alone, forward and backward of all 16 take about 10 ms per step at this "
-        "size (channels-last, as the fused path runs them). The extra "
-        "`aten::mkldnn_convolution` / `convolution_backward` time is the backbone's own "
-        "convolutions, and much of it is page faults: " + CBAM_FAULTS,
+        "size (channels-last, as the fused path runs them), which is about the extra "
+        "`aten::mkldnn_convolution` / `convolution_backward` time above. An earlier version of "
+        "this benchmark (all networks alternating at once, glibc's default allocator "
+        "thresholds) saw about +145 ms of backbone convolution time there, most of it page "
+        "faults: " + CBAM_FAULTS,
         "",
         "Levers tried for issue 16 (measured on 2026-12-01 on an AMD EPYC, 2 cores shared "
         "with other benchmarks, load average 2 to 5; the gate alone is the 16 CBAMs of this "
