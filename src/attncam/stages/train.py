@@ -123,10 +123,6 @@ def _resume_checkpoint(cfg: DictConfig, module: ClassifierModule) -> tuple[str |
     return str(resume), int(saved.get("global_step") or 0)
 
 
-#: ``model.compile`` values: eager, the whole network, or only the attention modules.
-COMPILE_CHOICES: tuple[Any, ...] = (False, True, "attention")
-
-
 def compile_model(net: Any, mode: Any) -> None:
     """``model.compile``: ``false`` (eager), ``true`` (``torch.compile`` of the whole network) or
     ``attention`` (only its attention modules: ``AttentionNet.compile_attention``). In place, so
@@ -137,7 +133,7 @@ def compile_model(net: Any, mode: Any) -> None:
     """
     if isinstance(mode, str) and mode.lower() in ("true", "false"):
         mode = mode.lower() == "true"
-    if not any(mode is c or (isinstance(c, str) and mode == c) for c in COMPILE_CHOICES):
+    if mode is not False and mode is not True and mode != "attention":  # not 0/1: `is`
         raise ValueError(
             f"model.compile={mode!r} is not valid; choose false (eager), true (the whole network) "
             "or attention (only the attention modules)"
